@@ -1,0 +1,403 @@
+"""Activation store: stream a model's activations at one hook (or a pair, for transcoders) as shuffled batches.
+
+    store = ActivationStore(model, "blocks.1.hook_resid_post", EmbeddedCorpus("train"), batch_size=4096)
+    x = store.next_batch()                        # [batch_size, d_in] on the training device
+
+Tokens -> windows of `n_ctx` (BOS first when `prepend_bos`) -> the model, run only up to the layer the hooks
+need -> one row per token -> a shuffle buffer -> batches. Rows come either from the model (`ModelRows`) or
+from a disk cache written by `write_activation_cache` (`CachedRows`); both give the same rows in the same
+order, and the buffer takes exactly the rows it needs, so a cached run yields the very same batches.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .token_sources import EmbeddedCorpus, TokenSource
+from .tokens import window_body
+
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+_EMBED_HOOKS = ("hook_embed", "hook_pos_embed", "embed.", "pos_embed.")
+MANIFEST = "manifest.json"
+CACHE_FORMAT = 1
+
+
+# ----------------------------------------------------------------------------------------------- hooks
+def hook_layer(name: str) -> int | None:
+    m = _BLOCK.match(name)
+    return int(m.group(1)) if m else None
+
+
+def _compact_hook_list(names: Sequence[str], n_layers: int) -> str:
+    """Hook names with block indices folded into `blocks.{0..L}.`, so the list stays readable."""
+    seen: list[str] = []
+    for n in names:
+        folded = _BLOCK.sub(f"blocks.{{0..{n_layers - 1}}}.", n)
+        if folded not in seen:
+            seen.append(folded)
+    return ", ".join(seen)
+
+
+def validate_hooks(model, hooks: Sequence[str]) -> None:
+    """Clear errors for a layer past the model's depth or a name the model does not have."""
+    n_layers = model.cfg.n_layers
+    for name in hooks:
+        layer = hook_layer(name)
+        if layer is not None and layer >= n_layers:
+            raise ValueError(f"hook {name!r} asks for layer {layer}, but the model has {n_layers} layers (0..{n_layers - 1})")
+        if name not in model.hook_dict:
+            close = difflib.get_close_matches(name, list(model.hook_dict), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown hook name {name!r}.{hint} Valid hook names of this model: "
+                             f"{_compact_hook_list(list(model.hook_dict), n_layers)}")
+
+
+def stop_layer_for(model, hooks: Sequence[str]) -> int | None:
+    """The `stop_at_layer` that still fires every hook: blocks past the last needed one never run."""
+    needed = []
+    for name in hooks:
+        layer = hook_layer(name)
+        if layer is None and not name.startswith(_EMBED_HOOKS):
+            return None  # final norm / unembed hooks need the whole model
+        needed.append(-1 if layer is None else layer)
+    return max(needed) + 1
+
+
+# ----------------------------------------------------------------------------------------------- rows
+class ModelRows:
+    """Unshuffled activation rows from the model, in window order; deterministic, so it can fast-forward."""
+
+    def __init__(self, model, hooks: Sequence[str], source: TokenSource, *, n_ctx: int, prepend_bos: bool,
+                 keep_bos_rows: bool, model_batch_size: int, dtype: torch.dtype):
+        validate_hooks(model, hooks)
+        if n_ctx > model.cfg.n_ctx:
+            raise ValueError(f"n_ctx={n_ctx} is longer than the model's context of {model.cfg.n_ctx} tokens")
+        if n_ctx < 2:
+            raise ValueError(f"n_ctx={n_ctx} must be at least 2")
+        if model_batch_size < 1:
+            raise ValueError(f"model_batch_size={model_batch_size} must be >= 1")
+        tok = model.tokenizer
+        self.bos_id = tok.bos_token_id if prepend_bos else None
+        if prepend_bos and self.bos_id is None:
+            raise ValueError("prepend_bos=True but the model's tokenizer has no BOS token; pass prepend_bos=False")
+        self.sep_id = tok.eos_token_id
+        self.model, self.hooks, self.source, self.tokenizer = model, list(hooks), source, tok
+        self.n_ctx, self.prepend_bos, self.model_batch_size, self.dtype = n_ctx, prepend_bos, model_batch_size, dtype
+        self.drop_first = prepend_bos and not keep_bos_rows
+        self.rows_per_window = n_ctx - int(self.drop_first)
+        self.stop_at_layer = stop_layer_for(model, hooks)
+        self.windows_done = 0  # position in the window stream, over all epochs
+        self.epoch = 0
+        self._windows = self._window_iter()
+        self.d_hooks = self._probe_dims()
+
+    def _window_iter(self) -> Iterator[list[int]]:
+        body = window_body(self.n_ctx, self.bos_id)
+        pending: list[int] = []
+        while True:
+            any_doc = False
+            for doc in self.source.documents(self.tokenizer):
+                any_doc = any_doc or bool(doc)
+                pending.extend(doc)
+                if self.sep_id is not None:
+                    pending.append(self.sep_id)
+                while len(pending) >= body:
+                    w, pending = pending[:body], pending[body:]
+                    yield ([self.bos_id] if self.bos_id is not None else []) + w
+            if not any_doc:
+                raise ValueError(f"the token source {self.source.describe()} is empty: it yielded no tokens")
+            self.epoch += 1
+
+    def _probe_dims(self) -> list[int]:
+        probe = torch.tensor([[self.bos_id if self.bos_id is not None else 0, 1]], device=self.model.cfg.device)
+        acts = self._run(probe)
+        return [a.shape[-1] for a in acts]
+
+    @torch.no_grad()
+    def _run(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        captured: dict[str, torch.Tensor] = {}
+
+        def grab(name):
+            def fn(act, hook):
+                captured[name] = act.detach()
+                return act
+            return fn
+
+        self.model.run_with_hooks(tokens, fwd_hooks=[(h, grab(h)) for h in self.hooks], stop_at_layer=self.stop_at_layer)
+        out = []
+        for h in self.hooks:
+            a = captured.get(h)
+            if a is None:
+                raise RuntimeError(f"hook {h!r} did not fire during the forward pass")
+            if a.shape[:2] != tokens.shape:
+                raise ValueError(f"hook {h!r} gives shape {tuple(a.shape)}, not [batch, position, ...]: "
+                                 f"it is not a per-token activation (attention patterns, scores) the store can stream")
+            out.append(a.reshape(*a.shape[:2], -1))  # flattens per-head hook_z to [batch, pos, n_heads * d_head]
+        return out
+
+    def skip_windows(self, n: int) -> None:
+        for _ in range(n):
+            next(self._windows)
+            self.windows_done += 1
+
+    def next_rows(self) -> torch.Tensor:
+        """Rows of one model batch: [model_batch_size * rows_per_window, sum(d_hooks)] on the model's device."""
+        windows = [next(self._windows) for _ in range(self.model_batch_size)]
+        self.windows_done += len(windows)
+        tokens = torch.tensor(windows, dtype=torch.long, device=self.model.cfg.device)
+        acts = self._run(tokens)
+        rows = torch.cat(acts, dim=-1)
+        if self.drop_first:
+            rows = rows[:, 1:]
+        return rows.reshape(-1, rows.shape[-1]).to(self.dtype)
+
+    def state(self) -> dict[str, int]:
+        return {"windows_done": self.windows_done}
+
+    def load_state(self, state: dict[str, int]) -> None:
+        if state["windows_done"] < self.windows_done:
+            raise ValueError("cannot rewind a model row stream; build a new store and load the state into it")
+        self.skip_windows(state["windows_done"] - self.windows_done)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "model": getattr(self.model, "sae_widgets_name", type(self.model).__name__),
+            "model_source": getattr(self.model, "sae_widgets_source", None),
+            "hooks": self.hooks, "d_hooks": self.d_hooks, "dataset": self.source.describe(),
+            "n_ctx": self.n_ctx, "prepend_bos": self.prepend_bos, "keep_bos_rows": not self.drop_first,
+        }
+
+
+class CachedRows:
+    """Rows read back from a disk cache, in the order they were written; loops over the cache at its end."""
+
+    def __init__(self, cache_dir: str | os.PathLike, dtype: torch.dtype, device: torch.device | str):
+        self.dir = Path(cache_dir)
+        self.manifest = read_manifest(self.dir)
+        if not self.manifest["complete"]:
+            raise ValueError(f"activation cache {self.dir} is incomplete ({self.manifest['n_rows']} of "
+                             f"{self.manifest['n_tokens']} rows); run write_activation_cache again to finish it")
+        self.hooks, self.d_hooks = self.manifest["hooks"], self.manifest["d_hooks"]
+        self.dtype, self.device = dtype, device
+        self.shard, self.epoch, self.rows_done = 0, 0, 0
+        self.stop_at_layer = None
+
+    def next_rows(self) -> torch.Tensor:
+        shards = self.manifest["shards"]
+        if self.shard == len(shards):
+            self.shard, self.epoch = 0, self.epoch + 1
+        t = load_file(self.dir / shards[self.shard]["file"])
+        self.shard += 1
+        rows = torch.cat([t[h] for h in self.hooks], dim=-1).to(self.device, self.dtype)
+        self.rows_done += len(rows)
+        return rows
+
+    def state(self) -> dict[str, int]:
+        return {"shard": self.shard, "epoch": self.epoch}
+
+    def load_state(self, state: dict[str, int]) -> None:
+        self.shard, self.epoch = state["shard"], state["epoch"]
+
+    def describe(self) -> dict[str, Any]:
+        return {k: v for k, v in self.manifest.items() if k not in ("shards",)}
+
+
+# ----------------------------------------------------------------------------------------------- store
+class ActivationStore:
+    """Shuffled batches of activations on the training device.
+
+    `hooks` is one hook name (batches are tensors) or an (input, output) pair for transcoders (batches are
+    (x, y) tuples). The buffer holds `buffer_size` rows; when it falls to half, it is topped up from the
+    row stream and reshuffled, so every batch mixes rows from many contexts.
+    """
+
+    def __init__(self, model, hooks: str | Sequence[str], source: TokenSource | None = None, *, n_ctx: int = 128,
+                 batch_size: int = 4096, model_batch_size: int = 32, buffer_size: int = 65536, shuffle: bool = True,
+                 prepend_bos: bool = True, keep_bos_rows: bool = False, seed: int = 0,
+                 device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
+                 show_progress: bool = True, rows=None):
+        self.paired = not isinstance(hooks, str)
+        hooks = [hooks] if isinstance(hooks, str) else list(hooks)
+        if len(hooks) not in (1, 2) or (self.paired and len(hooks) != 2):
+            raise ValueError(f"hooks must be one hook name or an (input, output) pair, got {hooks}")
+        if batch_size < 1 or buffer_size < batch_size:
+            raise ValueError(f"need 1 <= batch_size <= buffer_size, got batch_size={batch_size}, buffer_size={buffer_size}")
+        self.device = torch.device(device) if device is not None else torch.device(model.cfg.device if model is not None else "cpu")
+        if rows is None:
+            rows = ModelRows(model, hooks, source if source is not None else EmbeddedCorpus("train"), n_ctx=n_ctx,
+                             prepend_bos=prepend_bos, keep_bos_rows=keep_bos_rows, model_batch_size=model_batch_size,
+                             dtype=dtype)
+        self.rows = rows
+        self.hooks, self.d_hooks = list(rows.hooks), list(rows.d_hooks)
+        self.batch_size, self.buffer_size, self.shuffle, self.seed = batch_size, buffer_size, shuffle, seed
+        self.show_progress = show_progress
+        self._gen = torch.Generator().manual_seed(seed)
+        width = sum(self.d_hooks)
+        self._buffer = torch.empty(0, width, dtype=dtype, device=self.device)
+        self._pending = torch.empty(0, width, dtype=dtype, device=self.device)  # rows drawn but not yet in the buffer
+        self.batches_served = 0
+
+    @classmethod
+    def from_cache(cls, cache_dir: str | os.PathLike, *, batch_size: int = 4096, buffer_size: int = 65536,
+                   shuffle: bool = True, seed: int = 0, device: str | torch.device = "cpu",
+                   dtype: torch.dtype = torch.float32, show_progress: bool = True) -> ActivationStore:
+        """A store that reads a disk cache instead of running the model: the same batches, no model needed."""
+        rows = CachedRows(cache_dir, dtype=dtype, device=device)
+        store = cls(None, rows.hooks if len(rows.hooks) > 1 else rows.hooks[0], batch_size=batch_size,
+                    buffer_size=buffer_size, shuffle=shuffle, seed=seed, device=device, dtype=dtype,
+                    show_progress=show_progress, rows=rows)
+        return store
+
+    @property
+    def d_in(self) -> int:
+        return self.d_hooks[0]
+
+    @property
+    def d_out(self) -> int:
+        return self.d_hooks[-1]
+
+    @property
+    def stop_at_layer(self) -> int | None:
+        return self.rows.stop_at_layer
+
+    def _take_rows(self, n: int) -> torch.Tensor:
+        """Exactly `n` rows from the stream, whatever size the chunks come in."""
+        chunks, have = [self._pending], len(self._pending)
+        bar = None
+        if self.show_progress and n >= 16 * max(1, self.batch_size):
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=n, desc="filling activation buffer", unit="tok", leave=False)
+        while have < n:
+            new = self.rows.next_rows().to(self.device)
+            chunks.append(new)
+            have += len(new)
+            if bar is not None:
+                bar.update(min(len(new), n - (have - len(new))))
+        if bar is not None:
+            bar.close()
+        allrows = torch.cat(chunks)
+        self._pending = allrows[n:]
+        return allrows[:n]
+
+    def _refill(self) -> None:
+        fresh = self._take_rows(self.buffer_size - len(self._buffer))
+        buf = torch.cat([self._buffer, fresh])
+        if self.shuffle:
+            buf = buf[torch.randperm(len(buf), generator=self._gen).to(buf.device)]
+        self._buffer = buf
+
+    def next_batch(self) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if len(self._buffer) < max(self.batch_size, self.buffer_size // 2):
+            self._refill()
+        batch, self._buffer = self._buffer[: self.batch_size], self._buffer[self.batch_size :]
+        self.batches_served += 1
+        if self.paired:
+            return batch[:, : self.d_hooks[0]], batch[:, self.d_hooks[0] :]
+        return batch
+
+    def __iter__(self) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
+        """Endless: stop the loop yourself (the stream starts a new epoch when the source runs out)."""
+        while True:
+            yield self.next_batch()
+
+    # -- resume: everything needed to continue the exact same batch sequence after a restart
+    def state_dict(self) -> dict[str, Any]:
+        return {"buffer": self._buffer.cpu(), "pending": self._pending.cpu(), "rng": self._gen.get_state(),
+                "rows": dict(self.rows.state()), "batches_served": self.batches_served}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rows.load_state(state["rows"])
+        self._buffer = state["buffer"].to(self.device, self._buffer.dtype)
+        self._pending = state["pending"].to(self.device, self._pending.dtype)
+        self._gen.set_state(state["rng"])
+        self.batches_served = state["batches_served"]
+
+
+# ----------------------------------------------------------------------------------------------- disk cache
+def read_manifest(cache_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(cache_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"no activation cache at {cache_dir}: {MANIFEST} is missing")
+    return json.loads(path.read_text())
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_save_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_activation_cache(model, hooks: str | Sequence[str], cache_dir: str | os.PathLike, n_tokens: int,
+                           source: TokenSource | None = None, *, n_ctx: int = 128, prepend_bos: bool = True,
+                           keep_bos_rows: bool = False, model_batch_size: int = 32, shard_tokens: int = 262144,
+                           seed: int = 0, dtype: torch.dtype = torch.float32, show_progress: bool = True) -> Path:
+    """Write the first `n_tokens` activation rows to safetensors shards plus a JSON manifest.
+
+    Resumable: shards and manifest are written atomically, and a second call with the same settings
+    continues after the last complete shard (a finished cache is left as it is).
+    """
+    from tqdm.auto import tqdm
+
+    from . import __version__
+
+    if n_tokens < 1:
+        raise ValueError(f"n_tokens={n_tokens} must be >= 1")
+    hooks = [hooks] if isinstance(hooks, str) else list(hooks)
+    rows = ModelRows(model, hooks, source if source is not None else EmbeddedCorpus("train"), n_ctx=n_ctx,
+                     prepend_bos=prepend_bos, keep_bos_rows=keep_bos_rows, model_batch_size=model_batch_size, dtype=dtype)
+    settings = {"format": CACHE_FORMAT, **rows.describe(), "n_tokens": n_tokens, "seed": seed,
+                "dtype": str(dtype).removeprefix("torch."), "model_batch_size": model_batch_size}
+    out = Path(cache_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {**settings, "n_rows": 0, "windows_done": 0, "shards": [], "complete": False,
+                "sae_widgets_version": __version__}
+    if (out / MANIFEST).is_file():
+        old = read_manifest(out)
+        differing = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        if differing:
+            raise ValueError(f"{out} already holds an activation cache with other settings {differing}; "
+                             f"use another folder or delete this one")
+        manifest = old
+        if manifest["complete"]:
+            return out
+        rows.skip_windows(manifest["windows_done"])
+    bar = tqdm(total=n_tokens, initial=manifest["n_rows"], desc="caching activations", unit="tok", disable=not show_progress)
+    per_shard = max(1, shard_tokens // (model_batch_size * rows.rows_per_window))
+    while manifest["n_rows"] < n_tokens:
+        chunks = []
+        for _ in range(per_shard):
+            chunks.append(rows.next_rows().cpu())
+            if manifest["n_rows"] + sum(len(c) for c in chunks) >= n_tokens:
+                break
+        shard = torch.cat(chunks)[: n_tokens - manifest["n_rows"]]
+        name = f"shard_{len(manifest['shards']):05d}.safetensors"
+        split = torch.split(shard, rows.d_hooks, dim=-1)
+        _atomic_save_shard(out / name, {h: s.contiguous() for h, s in zip(hooks, split)})
+        manifest["shards"].append({"file": name, "n_rows": len(shard)})
+        manifest["n_rows"] += len(shard)
+        manifest["windows_done"] = rows.windows_done
+        manifest["complete"] = manifest["n_rows"] >= n_tokens
+        _atomic_write_bytes(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+        bar.update(len(shard))
+    bar.close()
+    return out

@@ -1,0 +1,70 @@
+"""Load a transformer_lens model: the embedded default, a local HF-format folder, or a hub name.
+
+All three go through one loader (`TransformerBridge.boot_transformers`); they differ only in where the
+files come from. Nothing here touches the network when `HF_HUB_OFFLINE=1` (the set-up scripts set it):
+a hub name that is not in the local cache is a clear error instead of a download attempt.
+"""
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "sotu-moby-4l"
+EMBEDDED_MODELS = (DEFAULT_MODEL,)
+
+
+def embedded_model_dir(name: str = DEFAULT_MODEL) -> Path:
+    """The HF-format folder of an embedded model inside the installed package."""
+    if name not in EMBEDDED_MODELS:
+        raise ValueError(f"no embedded model {name!r}; embedded models: {EMBEDDED_MODELS}")
+    return Path(str(resources.files("sae_widgets") / "assets" / "models" / name))
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def resolve_model_source(name: str | os.PathLike | None = None) -> str:
+    """Where the files of `name` are: an embedded model's folder, a local folder, or a cached hub snapshot."""
+    if name is None or str(name) in EMBEDDED_MODELS:
+        return str(embedded_model_dir(DEFAULT_MODEL if name is None else str(name)))
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is a folder but holds no config.json: not an HF-format model folder")
+        return str(path)
+    if isinstance(name, Path) or str(name).startswith((".", "/", "~")):
+        raise FileNotFoundError(f"model folder {str(name)!r} does not exist")
+    if _offline():
+        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        cached = try_to_load_from_cache(str(name), "config.json", cache_dir=os.environ.get("HF_HUB_CACHE", HF_HUB_CACHE))
+        if not isinstance(cached, str):
+            raise FileNotFoundError(
+                f"model {str(name)!r} is not in the local Hugging Face cache "
+                f"({os.environ.get('HF_HUB_CACHE', HF_HUB_CACHE)}) and HF_HUB_OFFLINE=1 forbids downloading it. "
+                f"Use the embedded default (load_model()), pass a local HF-format folder "
+                f"(load_model('/path/to/{str(name).split('/')[-1]}')), or download it once with network access."
+            )
+    return str(name)
+
+
+def load_model(name: str | os.PathLike | None = None, *, device: str | torch.device | None = None,
+               dtype: torch.dtype = torch.float32):
+    """A `TransformerBridge` for `name` (None = the embedded default model), in eval mode.
+
+    The returned model speaks the classic hook API (`run_with_hooks`, `run_with_cache`, `blocks.L.hook_resid_post`, ...).
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    source = resolve_model_source(name)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = TransformerBridge.boot_transformers(source, device=device, dtype=dtype)
+    model.eval()
+    model.sae_widgets_source = source  # recorded in activation-cache manifests
+    model.sae_widgets_name = str(name) if name is not None else DEFAULT_MODEL
+    return model

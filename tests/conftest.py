@@ -1,0 +1,14 @@
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # no GPU here: triton kernels run in the interpreter
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download; subprocesses inherit this too
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def model():
+    """The embedded default model on CPU, loaded once per test session."""
+    from sae_widgets.models import load_model
+
+    return load_model(device="cpu")
