@@ -1,0 +1,3 @@
+from sae_widgets.cli import main
+
+raise SystemExit(main())

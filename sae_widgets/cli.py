@@ -1,0 +1,201 @@
+"""The `sae-widgets` command line (also `python -m sae_widgets`).
+
+One small module: each subcommand is an `add_parser` block in `build_parser` plus a `cmd_*` function.
+Heavy imports (torch, papermill, the model) happen inside the commands, so `--help` stays instant.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import shutil
+import subprocess
+import sys
+from importlib import metadata, resources
+from pathlib import Path
+
+QUICKSTART = "00_quickstart.ipynb"
+
+
+class UsageError(Exception):
+    """A mistake in what the user typed: reported in one line, exit status 2."""
+
+
+def packaged_notebook(name: str = QUICKSTART) -> Path:
+    """The pristine copy shipped in the package (`notebooks/` is installed as `sae_widgets.notebooks`)."""
+    return Path(str(resources.files("sae_widgets.notebooks") / name))
+
+
+def notebook_parameters(path: Path) -> dict:
+    """Defaults of the cell tagged `parameters` (literal assignments only), so `-p` can be checked before running."""
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    for cell in nb["cells"]:
+        if "parameters" in cell.get("metadata", {}).get("tags", []):
+            tree = ast.parse("".join(cell["source"]))
+            return {node.targets[0].id: ast.literal_eval(node.value) for node in tree.body
+                    if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)}
+    return {}
+
+
+def parse_parameters(pairs: list[list[str]] | None, defaults: dict) -> dict:
+    """`-p NAME VALUE` pairs as Python values: VALUE is a Python literal, or else a plain string.
+
+    The value must have the type of the notebook's default (None accepts anything), so a typo fails here
+    in one line rather than minutes later inside the kernel.
+    """
+    params = {}
+    for name, raw in pairs or []:
+        if name not in defaults:
+            raise UsageError(f"-p {name} {raw}: the notebook has no parameter {name!r}; "
+                             f"its parameters are {', '.join(defaults) or '(none)'}")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        default = defaults[name]
+        ok = (default is None or type(value) is type(default)
+              or (type(default) is float and type(value) is int))
+        if not ok:
+            raise UsageError(f"-p {name} {raw}: value {raw!r} is not of type {type(default).__name__} "
+                             f"(the notebook's default is {default!r})")
+        params[name] = value
+    return params
+
+
+def working_copy(folder: Path, name: str = QUICKSTART) -> Path:
+    """Copy the packaged notebook into `folder` unless a copy is already there (it may hold the user's edits)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / name
+    if not target.exists():
+        shutil.copyfile(packaged_notebook(name), target)
+    return target
+
+
+def cmd_quickstart(args: argparse.Namespace, extra: list[str]) -> int:
+    out = Path(args.out).expanduser().resolve()
+    params = parse_parameters(args.parameter, notebook_parameters(packaged_notebook()))
+    if args.headless:
+        if extra:
+            raise UsageError(f"unrecognized arguments: {' '.join(extra)}")
+        return run_headless(out, params)
+    if params:
+        raise UsageError("-p applies to --headless runs; in JupyterLab, edit the notebook's parameters cell")
+    notebook = working_copy(out)
+    cmd = [sys.executable, "-m", "jupyterlab", str(notebook), f"--ServerApp.root_dir={out}"]
+    if args.port is not None:  # a fixed port fails loudly instead of silently moving to another one
+        cmd += [f"--ServerApp.port={args.port}", "--ServerApp.port_retries=0"]
+    if args.no_browser:
+        cmd.append("--ServerApp.open_browser=False")
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        cmd.append("--allow-root")
+    cmd += extra
+    print(f"[sae-widgets] opening {notebook} in JupyterLab", flush=True)
+    if os.name == "posix":  # become JupyterLab, so signals (Ctrl-C, terminate) reach the server itself
+        os.execv(sys.executable, cmd)
+    return subprocess.call(cmd)
+
+
+def run_headless(out: Path, params: dict) -> int:
+    """Execute the quickstart with papermill in `out`, export HTML, print the paths and the metrics."""
+    import nbformat
+    import papermill
+    from nbconvert import HTMLExporter
+
+    out.mkdir(parents=True, exist_ok=True)
+    executed, html = out / QUICKSTART, out / QUICKSTART.replace(".ipynb", ".html")
+    metrics = out / params.get("metrics_path", notebook_parameters(packaged_notebook())["metrics_path"])
+    metrics.unlink(missing_ok=True)  # a stale file from an earlier run must not pass for this run's result
+    failure = None
+    try:
+        papermill.execute_notebook(str(packaged_notebook()), str(executed), parameters=params,
+                                   kernel_name="python3", cwd=str(out), progress_bar=True)
+    except papermill.PapermillExecutionError as e:
+        failure = e
+    body, _ = HTMLExporter().from_notebook_node(nbformat.read(executed, as_version=4))
+    html.write_text(body, encoding="utf-8")
+    print(f"executed notebook: {executed}\nhtml: {html}")
+    if failure is not None:
+        print(f"[sae-widgets] the notebook failed in cell {failure.exec_count}: {failure.ename}: {failure.evalue}",
+              file=sys.stderr)
+        return 1
+    print(f"metrics: {metrics}\n{metrics.read_text(encoding='utf-8').strip()}")
+    return 0
+
+
+def cmd_hooks(args: argparse.Namespace) -> int:
+    from .models import load_model
+
+    model = load_model(args.model, device="cpu")
+    names = list(model.hook_dict)
+    print(f"model {model.sae_widgets_name}: n_layers={model.cfg.n_layers} d_model={model.cfg.d_model} "
+          f"hooks={len(names)}")
+    print("\n".join(names))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import __version__
+    from .models import DEFAULT_MODEL, embedded_model_dir
+
+    summary = json.loads((embedded_model_dir() / "training_summary.json").read_text())
+    arch = summary["architecture"]
+
+    def version(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    device = f"cuda ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else "cpu"
+    print(f"sae_widgets {__version__}")
+    print(f"embedded model {DEFAULT_MODEL}: {arch['n_layer']} layers, d_model {arch['n_embd']}, "
+          f"{arch['n_head']} heads, n_ctx {arch['n_positions']}, vocab {arch['vocab_size']}, "
+          f"{arch['n_params']:,} parameters; held-out loss {summary['val_loss']} "
+          f"(unigram baseline {summary['unigram_val_loss']}) after {summary['tokens_seen']:,} tokens")
+    for dist in ("torch", "triton", "transformer_lens", "transformers"):
+        print(f"{dist} {version(dist)}")
+    print(f"device {device}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sae-widgets", description="Sparse autoencoders on transformer_lens "
+                                     "models, in JupyterLab.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    q = sub.add_parser("quickstart", help="open the quickstart notebook in JupyterLab, or run it headless",
+                       description="Open the quickstart notebook in JupyterLab (a copy in --out; an existing copy "
+                       "is kept). Other --Option=value arguments go to JupyterLab, e.g. --IdentityProvider.token=T.")
+    q.add_argument("--headless", action="store_true",
+                   help="execute with papermill and write the executed notebook, HTML and metrics to --out")
+    q.add_argument("--out", default="out/quickstart", help="working folder (default: ./out/quickstart)")
+    q.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"),
+                   help="set a notebook parameter (headless); VALUE is a Python literal or a plain string")
+    q.add_argument("--port", type=int, help="JupyterLab port")
+    q.add_argument("--no-browser", action="store_true", help="do not open a browser")
+
+    h = sub.add_parser("hooks", help="list a model's hook names")
+    h.add_argument("--model", default=None, help="embedded name, local HF folder or cached hub name "
+                   "(default: the embedded model)")
+
+    sub.add_parser("info", help="versions, the embedded model and the device")
+
+    # Later subcommands (train, evaluate, ...): add their parser here and a cmd_* function above.
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    try:
+        if args.command == "quickstart":
+            return cmd_quickstart(args, extra)
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        return {"hooks": cmd_hooks, "info": cmd_info}[args.command](args)
+    except UsageError as e:
+        print(f"sae-widgets {args.command}: error: {e}", file=sys.stderr)
+        return 2
