@@ -1,2 +1,21 @@
-"""sae_widgets: train, inspect and steer sparse autoencoders on transformer_lens models."""
+"""sae_widgets: train, inspect and steer sparse autoencoders on transformer_lens models, in JupyterLab.
+
+The public names load lazily, so `import sae_widgets` (and `sae-widgets --help`) does not pay for torch.
+"""
+from importlib import import_module
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "load_model": "models", "DEFAULT_MODEL": "models",
+    "ActivationStore": "activations", "write_activation_cache": "activations",
+    "EmbeddedCorpus": "token_sources", "TextFiles": "token_sources", "TokenArray": "token_sources",
+    "HFDataset": "token_sources",
+}
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'sae_widgets' has no attribute {name!r}")

@@ -48,6 +48,15 @@ def test_load_model_offline_matches_recorded_heldout_loss_and_beats_unigram(no_n
     assert loss.item() < unigram - 2.0, f"model {loss.item():.3f} vs unigram {unigram:.3f}: not a trained model"
 
 
+def test_package_exports_the_loader_and_store():
+    import sae_widgets
+
+    assert sae_widgets.load_model is load_model
+    assert sae_widgets.ActivationStore.__module__ == "sae_widgets.activations"
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        sae_widgets.nope
+
+
 def test_model_size_and_format():
     d = embedded_model_dir()
     cfg = json.loads((d / "config.json").read_text())
