@@ -134,6 +134,28 @@ def cmd_hooks(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    """Fill (or finish) a disk cache of activations, so later runs read shards instead of running the model."""
+    from .activations import write_activation_cache
+    from .models import load_model
+    from .token_sources import EmbeddedCorpus, TextFiles
+
+    if len(args.hook) > 2:
+        raise UsageError(f"--hook given {len(args.hook)} times: one hook, or two (input, output) for transcoders")
+    try:
+        source = TextFiles(args.text) if args.text else EmbeddedCorpus(args.split)
+        model = load_model(args.model, device=args.device)
+        hooks = args.hook[0] if len(args.hook) == 1 else tuple(args.hook)
+        out = write_activation_cache(model, hooks, args.out, n_tokens=args.tokens, source=source, n_ctx=args.n_ctx,
+                                     model_batch_size=args.model_batch_size, seed=args.seed)
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(str(e)) from e
+    manifest = json.loads((out / "manifest.json").read_text())
+    print(f"activation cache {out}: {manifest['n_rows']:,} rows of {manifest['hooks']} "
+          f"(d={manifest['d_hooks']}) in {len(manifest['shards'])} shards")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
@@ -183,6 +205,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("info", help="versions, the embedded model and the device")
 
+    c = sub.add_parser("cache", help="write a resumable disk cache of activations (safetensors shards + manifest)",
+                       description="Run the model over a token source and store the activations at one hook "
+                       "(or an input/output pair) in shards; running it again finishes an interrupted cache.")
+    c.add_argument("--hook", action="append", required=True, help="hook name; give it twice for a transcoder pair")
+    c.add_argument("--tokens", type=int, required=True, help="activation rows (tokens) to store")
+    c.add_argument("--out", required=True, help="cache folder")
+    c.add_argument("--model", default=None, help="embedded name, local HF folder or cached hub name")
+    c.add_argument("--text", nargs="+", help="text files to read (default: the embedded corpus)")
+    c.add_argument("--split", default="train", help="embedded corpus split: train, val or all (default train)")
+    c.add_argument("--n-ctx", type=int, default=128, help="tokens per context window (default 128)")
+    c.add_argument("--model-batch-size", type=int, default=32, help="contexts per forward pass (default 32)")
+    c.add_argument("--seed", type=int, default=0, help="recorded in the manifest; the default shuffle seed")
+    c.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+
     # Later subcommands (train, evaluate, ...): add their parser here and a cmd_* function above.
     return parser
 
@@ -195,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_quickstart(args, extra)
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        return {"hooks": cmd_hooks, "info": cmd_info}[args.command](args)
+        return {"hooks": cmd_hooks, "info": cmd_info, "cache": cmd_cache}[args.command](args)
     except UsageError as e:
         print(f"sae-widgets {args.command}: error: {e}", file=sys.stderr)
         return 2

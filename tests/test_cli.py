@@ -23,7 +23,7 @@ def cli(*args, timeout=180):
 def test_help_lists_subcommands():
     r = cli("--help")
     assert r.returncode == 0, r.stderr
-    for name in ("quickstart", "hooks", "info"):
+    for name in ("quickstart", "hooks", "info", "cache"):
         assert name in r.stdout
 
 
@@ -136,3 +136,16 @@ def test_interactive_quickstart_serves_notebook(tmp_path):
             proc.kill()
             proc.wait()
         log.close()
+
+
+def test_cache_writes_a_resumable_disk_cache(tmp_path):
+    out = tmp_path / "cache"
+    r = cli("cache", "--hook", "blocks.0.ln2.hook_normalized", "--hook", "blocks.0.hook_mlp_out", "--tokens", "300",
+            "--n-ctx", "16", "--model-batch-size", "4", "--device", "cpu", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["n_rows"] == 300 and manifest["n_ctx"] == 16
+    assert manifest["hooks"] == ["blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out"]
+    assert "300 rows" in r.stdout
+    bad = cli("cache", "--hook", "blocks.9.hook_resid_post", "--tokens", "10", "--device", "cpu", "--out", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "layer 9, but the model has 4 layers" in bad.stderr
