@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from .atomic import save_safetensors_atomic, write_json_atomic
 from .token_sources import EmbeddedCorpus, TokenSource
 from .tokens import window_body
 
@@ -99,7 +100,14 @@ class ModelRows:
         self._windows = self._window_iter()
         self.d_hooks = self._probe_dims()
 
-    def _window_iter(self) -> Iterator[list[int]]:
+    def window_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """Token windows [batch_size, n_ctx] from the start of the source, independent of the row stream's position
+        (for evaluation runs that need whole contexts, e.g. spliced cross-entropy)."""
+        it = self._window_iter(count_epochs=False)
+        while True:
+            yield torch.tensor([next(it) for _ in range(batch_size)], dtype=torch.long, device=self.model.cfg.device)
+
+    def _window_iter(self, count_epochs: bool = True) -> Iterator[list[int]]:
         body = window_body(self.n_ctx, self.bos_id)
         pending: list[int] = []
         while True:
@@ -114,7 +122,8 @@ class ModelRows:
                     yield ([self.bos_id] if self.bos_id is not None else []) + w
             if not any_doc:
                 raise ValueError(f"the token source {self.source.describe()} is empty: it yielded no tokens")
-            self.epoch += 1
+            if count_epochs:
+                self.epoch += 1
 
     def _probe_dims(self) -> list[int]:
         probe = torch.tensor([[self.bos_id if self.bos_id is not None else 0, 1]], device=self.model.cfg.device)
@@ -330,23 +339,6 @@ def read_manifest(cache_dir: str | os.PathLike) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_save_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_activation_cache(model, hooks: str | Sequence[str], cache_dir: str | os.PathLike, n_tokens: int,
                            source: TokenSource | None = None, *, n_ctx: int = 128, prepend_bos: bool = True,
                            keep_bos_rows: bool = False, model_batch_size: int = 32, shard_tokens: int = 262144,
@@ -392,12 +384,12 @@ def write_activation_cache(model, hooks: str | Sequence[str], cache_dir: str | o
         shard = torch.cat(chunks)[: n_tokens - manifest["n_rows"]]
         name = f"shard_{len(manifest['shards']):05d}.safetensors"
         split = torch.split(shard, rows.d_hooks, dim=-1)
-        _atomic_save_shard(out / name, {h: s.contiguous() for h, s in zip(hooks, split)})
+        save_safetensors_atomic(out / name, {h: s.contiguous() for h, s in zip(hooks, split)})
         manifest["shards"].append({"file": name, "n_rows": len(shard)})
         manifest["n_rows"] += len(shard)
         manifest["windows_done"] = rows.windows_done
         manifest["complete"] = manifest["n_rows"] >= n_tokens
-        _atomic_write_bytes(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+        write_json_atomic(out / MANIFEST, manifest)
         bar.update(len(shard))
     bar.close()
     return out

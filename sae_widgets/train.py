@@ -1,0 +1,326 @@
+"""Train an SAE on a batch stream (the activation store, a disk cache, or synthetic data).
+
+    trainer = Trainer(sae, store, TrainConfig(total_tokens=2_000_000, out_dir="runs/l1"))
+    trainer.run()            # progress bar, checkpoints, final SAE in runs/l1/sae, metrics in runs/l1/metrics.json
+
+One loop, one event API: every step, evaluation, checkpoint, finish and failure is a `TrainEvent` passed to
+the callbacks; the progress bar, the CLI and the training-monitor widget are all such callbacks.
+Checkpoints are written atomically and hold everything that moves (SAE, Adam, schedule, RNG, dead-latent
+counters, the store's buffer and position), so a run killed and resumed ends bit-identical on CPU.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from .atomic import replace_dir_atomic, save_safetensors_atomic, write_json_atomic
+from .persistence import save_sae
+from .sae import SAE
+
+CHECKPOINTS, LATEST = "checkpoints", "latest.json"
+
+
+@dataclass
+class TrainConfig:
+    total_tokens: int
+    lr: float = 1e-3
+    lr_warmup_steps: int = 50
+    lr_decay: str = "cosine"             # over the last `lr_decay_fraction` of steps: cosine | linear | none
+    lr_decay_fraction: float = 0.2
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    dead_window_tokens: int = 1_000_000  # a latent is dead if it has not fired in this many tokens
+    init_tokens: int = 16384             # sample for the normalisation scale and the b_dec geometric median
+    b_dec_init: str = "geometric_median"
+    checkpoint_every: int = 0            # steps; 0 = only at the end
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 0
+    autocast_bf16: bool = False          # CUDA only
+    out_dir: str | None = None
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.total_tokens < 1:
+            raise ValueError(f"total_tokens={self.total_tokens} must be >= 1")
+        if self.lr_decay not in ("cosine", "linear", "none"):
+            raise ValueError(f"lr_decay={self.lr_decay!r} is not one of ('cosine', 'linear', 'none')")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr} must be > 0")
+        self.adam_betas = tuple(self.adam_betas)
+
+
+@dataclass
+class TrainEvent:
+    kind: str                      # "step" | "eval" | "checkpoint" | "finished" | "failed"
+    step: int
+    tokens: int
+    total_tokens: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    path: str | None = None
+    error: BaseException | None = None
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the parameters stopped being finite."""
+
+
+class ProgressBar:
+    """tqdm progress (terminal and Jupyter alike) driven by the events, in tokens."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, ev: TrainEvent) -> None:
+        from tqdm.auto import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=ev.total_tokens, initial=ev.tokens, unit="tok", unit_scale=True, desc="training SAE")
+        if ev.kind == "step":
+            self.bar.update(ev.tokens - self.bar.n)
+            m = ev.metrics
+            self.bar.set_postfix(loss=f"{m['loss']:.4g}", l0=f"{m['l0']:.1f}", ev=f"{m['explained_variance']:.3f}",
+                                 dead=f"{m['dead_fraction']:.2f}", refresh=False)
+        elif ev.kind in ("finished", "failed"):
+            self.bar.update(ev.tokens - self.bar.n)
+            self.bar.close()
+
+
+# ----------------------------------------------------------------------------------------------- state <-> files
+def flatten_state(obj: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor], Any]:
+    """Split a nested state (dicts, lists, tensors, numbers) into safetensors-ready tensors and a JSON skeleton."""
+    if isinstance(obj, torch.Tensor):
+        return {prefix: obj.detach().clone().contiguous()}, {"__tensor__": prefix}
+    if isinstance(obj, dict):
+        tensors, tree = {}, {}
+        for k, v in obj.items():
+            t, tree[str(k)] = flatten_state(v, f"{prefix}.{k}" if prefix else str(k))
+            tensors.update(t)
+        return tensors, {"__dict__": tree, "__int_keys__": all(isinstance(k, int) for k in obj) and bool(obj)}
+    if isinstance(obj, (list, tuple)):
+        tensors, items = {}, []
+        for i, v in enumerate(obj):
+            t, node = flatten_state(v, f"{prefix}.{i}")
+            tensors.update(t)
+            items.append(node)
+        return tensors, {"__list__": items, "__tuple__": isinstance(obj, tuple)}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return {}, obj
+    raise TypeError(f"cannot checkpoint a {type(obj).__name__} at {prefix!r}: only tensors, numbers, strings, lists, dicts")
+
+
+def unflatten_state(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(tree, dict) and "__tensor__" in tree:
+        return tensors[tree["__tensor__"]]
+    if isinstance(tree, dict) and "__dict__" in tree:
+        d = {k: unflatten_state(v, tensors) for k, v in tree["__dict__"].items()}
+        return {int(k): v for k, v in d.items()} if tree["__int_keys__"] else d
+    if isinstance(tree, dict) and "__list__" in tree:
+        items = [unflatten_state(v, tensors) for v in tree["__list__"]]
+        return tuple(items) if tree["__tuple__"] else items
+    return tree
+
+
+def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
+    pointer = Path(out_dir) / CHECKPOINTS / LATEST
+    if not pointer.is_file():
+        return None
+    return Path(out_dir) / CHECKPOINTS / json.loads(pointer.read_text())["dir"]
+
+
+# ----------------------------------------------------------------------------------------------- trainer
+class Trainer:
+    """The training loop. `run()` trains until `total_tokens` (or `request_stop()`), resuming if asked."""
+
+    def __init__(self, sae: SAE, store, cfg: TrainConfig, callbacks: list[Callable[[TrainEvent], None]] | None = None,
+                 metadata: dict[str, Any] | None = None):
+        self.sae, self.store, self.cfg = sae, store, cfg
+        self.callbacks = list(callbacks or [])
+        if cfg.progress:
+            self.callbacks.append(ProgressBar())
+        self.metadata = metadata or {}
+        self.device = next(sae.parameters()).device
+        self.batch_tokens = store.batch_size
+        self.total_steps = max(1, math.ceil(cfg.total_tokens / self.batch_tokens))
+        self.opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.lr_factor)
+        self.step = 0
+        self.tokens = 0
+        self.tokens_since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=self.device)
+        self.initialized = False
+        self.history: list[dict[str, float]] = []
+        self._stop = False
+        self._last_checkpoint: Path | None = None
+        self.out_dir = Path(cfg.out_dir) if cfg.out_dir else None
+
+    # -- schedule
+    def lr_factor(self, step: int) -> float:
+        cfg, n = self.cfg, self.total_steps
+        if step < cfg.lr_warmup_steps:
+            return (step + 1) / cfg.lr_warmup_steps
+        decay_start = int(n * (1 - cfg.lr_decay_fraction))
+        if cfg.lr_decay == "none" or step < decay_start:
+            return 1.0
+        frac = (step - decay_start) / max(1, n - decay_start)
+        return 0.5 * (1 + math.cos(math.pi * frac)) if cfg.lr_decay == "cosine" else 1.0 - frac
+
+    def request_stop(self) -> None:
+        """Ask the loop to stop after the current step (it writes a checkpoint first). Thread-safe enough: a flag."""
+        self._stop = True
+
+    def _emit(self, ev: TrainEvent) -> None:
+        for cb in self.callbacks:
+            cb(ev)
+
+    def _event(self, kind: str, **kw) -> TrainEvent:
+        return TrainEvent(kind=kind, step=self.step, tokens=self.tokens, total_tokens=self.cfg.total_tokens, **kw)
+
+    # -- data
+    def _next(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        b = self.store.next_batch()
+        x, y = b if isinstance(b, tuple) else (b, None)
+        return x.to(self.device), (y.to(self.device) if y is not None else None)
+
+    def _initialize(self) -> None:
+        xs, ys, n = [], [], 0
+        while n < self.cfg.init_tokens:
+            x, y = self._next()
+            xs.append(x)
+            ys.append(y)
+            n += len(x)
+        y_all = torch.cat(ys) if ys[0] is not None else None
+        self.sae.initialize(torch.cat(xs), y_all, b_dec=self.cfg.b_dec_init)
+        self.initialized = True
+
+    # -- one step
+    def train_step(self) -> dict[str, float]:
+        x, y = self._next()
+        dead = self.tokens_since_fired >= self.cfg.dead_window_tokens
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cfg.autocast_bf16 and self.device.type == "cuda"):
+            loss, parts = self.sae.training_loss(x, y, step=self.step, dead_mask=dead)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"loss became {loss.item()} at step {self.step} (tokens {self.tokens:,}); "
+                                   f"last good checkpoint: {self._last_checkpoint or 'none written'}")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.sae.remove_parallel_grad()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.cfg.grad_clip)
+        if not torch.isfinite(grad_norm):
+            raise TrainingDiverged(f"gradient norm became {grad_norm.item()} at step {self.step}; "
+                                   f"last good checkpoint: {self._last_checkpoint or 'none written'}")
+        self.opt.step()
+        self.sched.step()
+        self.sae.normalize_decoder()
+        latents = parts.pop("_latents")
+        fired = (latents != 0).any(0)
+        self.tokens_since_fired += len(x)
+        self.tokens_since_fired[fired] = 0
+        self.step += 1
+        self.tokens += len(x)
+        target = (y if y is not None else x).float() * self.sae.out_scale
+        var = ((target - target.mean(0)) ** 2).sum(-1).mean()
+        metrics = {k: float(v) for k, v in parts.items()}
+        metrics["explained_variance"] = 1.0 - float(parts["mse"]) / max(float(var), 1e-12) if self.sae.cfg.arch != "matryoshka" else \
+            1.0 - float(((self.sae.decode_normalized(latents) - target) ** 2).sum(-1).mean()) / max(float(var), 1e-12)
+        metrics["dead_fraction"] = float((self.tokens_since_fired >= self.cfg.dead_window_tokens).float().mean())
+        metrics["lr"] = self.sched.get_last_lr()[0]
+        metrics["grad_norm"] = float(grad_norm)
+        return metrics
+
+    # -- the loop
+    def run(self, resume: bool = False) -> SAE:
+        if resume:
+            self.load_checkpoint()
+        torch.manual_seed(self.cfg.seed) if not resume else None
+        try:
+            if not self.initialized:
+                self._initialize()
+            self.sae.train()
+            t0, tok0 = time.perf_counter(), self.tokens
+            while self.tokens < self.cfg.total_tokens and not self._stop:
+                m = self.train_step()
+                if self.step % self.cfg.log_every == 0 or self.tokens >= self.cfg.total_tokens:
+                    m["tokens_per_s"] = (self.tokens - tok0) / max(time.perf_counter() - t0, 1e-9)
+                    self.history.append({"step": self.step, "tokens": self.tokens, **m})
+                    self._emit(self._event("step", metrics=m))
+                if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+        except BaseException as e:  # KeyboardInterrupt too: report, keep the last good checkpoint, re-raise
+            self._emit(self._event("failed", error=e))
+            raise
+        self.sae.eval()
+        if self.out_dir is not None:
+            self.save_checkpoint()
+            save_sae(self.sae, self.out_dir / "sae", training=self.training_record())
+        self._emit(self._event("finished", path=str(self.out_dir / "sae") if self.out_dir else None,
+                               metrics=self.history[-1] if self.history else {}))
+        return self.sae
+
+    def training_record(self) -> dict[str, Any]:
+        return {"train_config": asdict(self.cfg), "steps": self.step, "tokens": self.tokens,
+                "final": self.history[-1] if self.history else {}, **self.metadata}
+
+    # -- checkpoints
+    def state(self) -> dict[str, Any]:
+        st = {
+            "sae": self.sae.state_dict(), "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+            "rng": {"torch": torch.get_rng_state()}, "tokens_since_fired": self.tokens_since_fired,
+            "store": self.store.state_dict(), "step": self.step, "tokens": self.tokens, "initialized": self.initialized,
+        }
+        if torch.cuda.is_available():
+            st["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+        return st
+
+    def save_checkpoint(self) -> Path:
+        if self.out_dir is None:
+            raise ValueError("TrainConfig.out_dir is not set: nowhere to write checkpoints")
+        root = self.out_dir / CHECKPOINTS
+        root.mkdir(parents=True, exist_ok=True)
+        name = f"step_{self.step:08d}"
+        staging = root / f".{name}.staging"
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir()
+        tensors, tree = flatten_state(self.state())
+        save_safetensors_atomic(staging / "state.safetensors", tensors)
+        write_json_atomic(staging / "state.json", {"tree": tree, "sae_config": self.sae.cfg.to_dict(),
+                                                   "train_config": asdict(self.cfg), "history": self.history})
+        replace_dir_atomic(staging, root / name)
+        write_json_atomic(root / LATEST, {"dir": name, "step": self.step, "tokens": self.tokens})
+        self._last_checkpoint = root / name
+        for old in sorted(p for p in root.glob("step_*") if p.is_dir())[: -self.cfg.keep_checkpoints]:
+            shutil.rmtree(old)
+        self._emit(self._event("checkpoint", path=str(root / name)))
+        return root / name
+
+    def load_checkpoint(self, path: str | os.PathLike | None = None) -> None:
+        ckpt = Path(path) if path else latest_checkpoint(self.out_dir) if self.out_dir else None
+        if ckpt is None or not (ckpt / "state.json").is_file():
+            raise FileNotFoundError(f"no checkpoint to resume from in {self.out_dir}")
+        meta = json.loads((ckpt / "state.json").read_text())
+        if meta["sae_config"] != self.sae.cfg.to_dict():
+            diff = {k: (v, self.sae.cfg.to_dict().get(k)) for k, v in meta["sae_config"].items() if self.sae.cfg.to_dict().get(k) != v}
+            raise ValueError(f"checkpoint {ckpt} is for another SAE config (checkpoint, now): {diff}")
+        st = unflatten_state(meta["tree"], load_file(ckpt / "state.safetensors"))
+        self.sae.load_state_dict(st["sae"])
+        self.opt.load_state_dict(st["optimizer"])
+        self.sched.load_state_dict(st["scheduler"])
+        torch.set_rng_state(st["rng"]["torch"])
+        if "cuda" in st["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(st["rng"]["cuda"])
+        self.tokens_since_fired = st["tokens_since_fired"].to(self.device)
+        self.store.load_state_dict(st["store"])
+        self.step, self.tokens, self.initialized = st["step"], st["tokens"], st["initialized"]
+        self.history = meta["history"]
+        self._last_checkpoint = ckpt
