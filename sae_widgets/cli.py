@@ -156,6 +156,84 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per RunConfig field (`d_sae` -> `--d-sae`), default None so a config file's value survives."""
+    import dataclasses
+    import typing
+
+    from .runs import RunConfig
+
+    hints = typing.get_type_hints(RunConfig)
+    for f in dataclasses.fields(RunConfig):
+        flag, hint = "--" + f.name.replace("_", "-"), hints[f.name]
+        base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+        kind = base[0]
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        elif typing.get_origin(kind) is list:
+            parser.add_argument(flag, dest=f.name, type=int, nargs="+", default=None)
+        else:
+            shown = "required" if f.default is dataclasses.MISSING else f"default: {f.default}"
+            parser.add_argument(flag, dest=f.name, type=kind, default=None, help=f"({shown})")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .runs import RunConfig, train_run
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if getattr(args, f.name) is not None}
+    try:
+        if args.resume:
+            cfg = RunConfig.load(args.resume)
+            changed = {k: v for k, v in given.items() if k not in ("device", "progress") and getattr(cfg, k) != v}
+            if changed:
+                raise UsageError(f"--resume continues {args.resume} with its saved settings; these flags would change "
+                                 f"it: {sorted(changed)} (only --device and --progress may differ)")
+            cfg = dataclasses.replace(cfg, **{k: v for k, v in given.items() if k in ("device", "progress")})
+        else:
+            base = json.loads(Path(args.config).read_text()) if args.config else {}
+            if "hook" not in {**base, **given}:
+                raise UsageError("--hook is required (or a 'hook' key in --config)")
+            cfg = RunConfig.from_dict({**base, **given})
+        result = train_run(cfg, resume=bool(args.resume))
+    except (ValueError, FileNotFoundError, FileExistsError, json.JSONDecodeError) as e:
+        raise UsageError(str(e)) from e
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the last checkpoint is kept; continue with  sae-widgets train --resume {args.resume or cfg.out}",
+              file=sys.stderr)
+        return 130
+    print(result["table"])
+    print(f"SAE: {Path(cfg.out) / 'sae'}\nmetrics: {Path(cfg.out) / 'metrics.json'}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .models import load_model
+    from .persistence import load_sae
+    from .runs import RunConfig, evaluate_run
+
+    folder = Path(args.dir)
+    try:
+        sae_dir = folder / "sae" if (folder / "sae").is_dir() else folder
+        sae = load_sae(sae_dir, device=args.device or "cpu")
+        if (folder / "run_config.json").is_file():
+            cfg = RunConfig.load(folder)
+        else:
+            cfg = RunConfig(hook=sae.cfg.hook, out_hook=sae.cfg.out_hook, model=sae.cfg.model_name, arch=sae.cfg.arch,
+                            d_sae=sae.cfg.d_sae, k=sae.cfg.k, out=str(folder))
+        cfg = dataclasses.replace(cfg, out=str(folder), device=args.device or "cpu", progress=False,
+                                  **({"cache": args.cache} if args.cache else {}))
+        model = None if cfg.cache else load_model(cfg.model, device=cfg.device)
+        result = evaluate_run(cfg, sae, model, n_tokens=args.tokens)
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(str(e)) from e
+    print(result["table"])
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
@@ -219,7 +297,22 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0, help="recorded in the manifest; the default shuffle seed")
     c.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
-    # Later subcommands (train, evaluate, ...): add their parser here and a cmd_* function above.
+    t = sub.add_parser("train", help="train an SAE or transcoder headless (progress bar, checkpoints, metrics)",
+                       description="Train an SAE on a model's activations. Settings come from flags and/or a JSON "
+                       "--config with the same keys (underscores); flags win. Writes DIR/run_config.json, "
+                       "DIR/checkpoints/, DIR/sae/ and DIR/metrics.json. Example: sae-widgets train --hook "
+                       "blocks.1.hook_resid_post --arch topk --d-sae 4096 --k 32 --tokens 2000000 --out runs/l1")
+    t.add_argument("--config", help="JSON file of run settings")
+    t.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    _run_flags(t)
+
+    e = sub.add_parser("eval", help="print the metrics table of a trained SAE (held-out split)")
+    e.add_argument("dir", help="a run folder (from train) or an SAE folder")
+    e.add_argument("--tokens", type=int, default=None, help="evaluation tokens (default: the run's eval_tokens)")
+    e.add_argument("--cache", default=None, help="evaluate on a disk cache instead of the held-out corpus split")
+    e.add_argument("--device", default=None)
+
+    # Later subcommands: add their parser here and a cmd_* function above.
     return parser
 
 
@@ -231,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_quickstart(args, extra)
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        return {"hooks": cmd_hooks, "info": cmd_info, "cache": cmd_cache}[args.command](args)
+        commands = {"hooks": cmd_hooks, "info": cmd_info, "cache": cmd_cache, "train": cmd_train, "eval": cmd_eval}
+        return commands[args.command](args)
     except UsageError as e:
         print(f"sae-widgets {args.command}: error: {e}", file=sys.stderr)
         return 2
