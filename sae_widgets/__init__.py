@@ -11,6 +11,9 @@ _EXPORTS = {
     "ActivationStore": "activations", "write_activation_cache": "activations",
     "EmbeddedCorpus": "token_sources", "TextFiles": "token_sources", "TokenArray": "token_sources",
     "HFDataset": "token_sources",
+    "SAE": "sae", "SAEConfig": "sae", "Trainer": "train", "TrainConfig": "train", "TrainEvent": "train",
+    "save_sae": "persistence", "load_sae": "persistence", "evaluate": "metrics",
+    "SyntheticActivations": "synthetic", "recovery": "synthetic", "RunConfig": "runs", "train_run": "runs",
 }
 __all__ = ["__version__", *_EXPORTS]
 
