@@ -6,6 +6,7 @@ folder is self-describing and readable without sae_widgets.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ def save_sae(sae: SAE, path: str | os.PathLike, training: dict[str, Any] | None 
         "normalization": {"in_scale": float(sae.in_scale), "out_scale": float(sae.out_scale)},
         "thresholds": _thresholds(sae), "training": training or {},
     }
+    json.dumps(meta)  # fail before touching either file: weights and config must never disagree
     save_safetensors_atomic(out / WEIGHTS, tensors, metadata={"format": FORMAT})
     write_json_atomic(out / CONFIG, meta)
     return out
@@ -58,8 +60,6 @@ def refuse_pickles(path: Path) -> None:
 
 def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu") -> SAE:
     """Load an SAE saved by `save_sae`; clear errors for pickles, missing files, bad keys or shapes."""
-    import json
-
     folder = Path(path)
     if not folder.exists():
         raise FileNotFoundError(f"no SAE at {folder}")
@@ -73,6 +73,9 @@ def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu") -> SAE
         meta = json.loads((folder / CONFIG).read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{folder / CONFIG} is not valid JSON: {e}") from e
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise ValueError(f"{folder / CONFIG} must be a JSON object with a 'config' object; got {type(meta).__name__}"
+                         f"{' without config' if isinstance(meta, dict) else ''}")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{folder / CONFIG} has format {meta.get('format')!r}, expected {FORMAT!r}")
     sae = SAE(SAEConfig.from_dict(meta["config"]))

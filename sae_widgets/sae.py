@@ -38,8 +38,8 @@ class SAEConfig:
     sparsity_warmup_steps: int = 0       # λ rises linearly from 0 over these steps
     aux_k: int = 256                     # top-k families: dead latents used by the aux-k loss
     aux_coeff: float = 1 / 32            # Gao et al. 2024
-    jumprelu_init_threshold: float = 0.001
-    jumprelu_bandwidth: float = 0.001
+    jumprelu_init_threshold: float = 0.1   # high enough that the L0 term bites within short runs
+    jumprelu_bandwidth: float = 0.05       # SAELens default; the STE window around θ
     threshold_momentum: float = 0.99     # batchtopk / matryoshka: EMA of the inference threshold
     matryoshka_prefixes: list[int] = field(default_factory=list)  # m1 < m2 < ... < d_sae
     backend: str = "torch"

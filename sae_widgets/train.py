@@ -231,8 +231,12 @@ class Trainer:
         target = (y if y is not None else x).float() * self.sae.out_scale
         var = ((target - target.mean(0)) ** 2).sum(-1).mean()
         metrics = {k: float(v) for k, v in parts.items()}
-        metrics["explained_variance"] = 1.0 - float(parts["mse"]) / max(float(var), 1e-12) if self.sae.cfg.arch != "matryoshka" else \
-            1.0 - float(((self.sae.decode_normalized(latents) - target) ** 2).sum(-1).mean()) / max(float(var), 1e-12)
+        if self.sae.cfg.arch == "matryoshka":  # its "mse" part sums the prefix losses; EV is for the full decoder
+            with torch.no_grad():
+                full = float(((self.sae.decode_normalized(latents) - target) ** 2).sum(-1).mean())
+        else:
+            full = float(parts["mse"])
+        metrics["explained_variance"] = 1.0 - full / max(float(var), 1e-12)
         metrics["dead_fraction"] = float((self.tokens_since_fired >= self.cfg.dead_window_tokens).float().mean())
         metrics["lr"] = self.sched.get_last_lr()[0]
         metrics["grad_norm"] = float(grad_norm)
