@@ -53,7 +53,7 @@ def main() -> None:
         name = hook if isinstance(hook, str) else " -> ".join(hook)
         rows.append((name, ours.stop_at_layer, r_ours, r_full, r_disk))
     print()
-    print(f"| hook | stop_at_layer | store (tokens/s) | full model (tokens/s) | ratio | disk cache (tokens/s) | ratio |")
+    print("| hook | stop_at_layer | store (tokens/s) | full model (tokens/s) | ratio | disk cache (tokens/s) | ratio |")
     print("|---|---|---|---|---|---|---|")
     for name, stop, r_ours, r_full, r_disk in rows:
         print(f"| `{name}` | {stop} | {r_ours:,.0f} | {r_full:,.0f} | {r_ours / r_full:.2f}x | {r_disk:,.0f} | {r_disk / r_ours:.1f}x |")

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .atomic import write_json_atomic
+from .config_io import strict_from_dict
 from .sae import SAE, SAEConfig
 from .train import Trainer, TrainConfig
 
@@ -55,11 +56,7 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown run config keys {unknown}; known keys: {sorted(known)}")
-        return cls(**d)
+        return strict_from_dict(cls, d, "run")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> RunConfig:

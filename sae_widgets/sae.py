@@ -12,11 +12,13 @@ Losses are computed in normalised units, so coefficients do not depend on the mo
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+
+from .config_io import strict_from_dict
 
 ARCHS = ("relu", "topk", "batchtopk", "jumprelu", "abstopk", "matryoshka")
 TOPK_FAMILY = ("topk", "batchtopk", "abstopk", "matryoshka")  # trained with the aux-k loss
@@ -80,11 +82,7 @@ class SAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SAEConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown SAE config keys {unknown}; known keys: {sorted(known)}")
-        return cls(**d)
+        return strict_from_dict(cls, d, "SAE")
 
 
 class _JumpReLU(torch.autograd.Function):
