@@ -99,7 +99,7 @@ class _JumpReLU(torch.autograd.Function):
         z, theta = ctx.saved_tensors
         window = ((z - theta).abs() < ctx.eps / 2).to(g.dtype)
         grad_theta = (-(theta / ctx.eps) * window * g).sum(0)
-        return g * (z > theta), grad_theta, None
+        return g * (z > theta), grad_theta.to(theta.dtype), None  # z may be bf16 under autocast, θ stays fp32
 
 
 class _Step(torch.autograd.Function):
@@ -115,7 +115,7 @@ class _Step(torch.autograd.Function):
     def backward(ctx, g):
         z, theta = ctx.saved_tensors
         window = ((z - theta).abs() < ctx.eps / 2).to(g.dtype)
-        return None, (-(1.0 / ctx.eps) * window * g).sum(0), None
+        return None, (-(1.0 / ctx.eps) * window * g).sum(0).to(theta.dtype), None
 
 
 def geometric_median(x: torch.Tensor, iters: int = 100, eps: float = 1e-8) -> torch.Tensor:
