@@ -1,0 +1,88 @@
+"""The SAE interface: sparse form, initialisation, normalisation, geometric median, backend switch, width errors."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sae_widgets.sae import ARCHS, SAE, SAEConfig, geometric_median
+
+
+def make(arch, **kw):
+    k = 4 if arch not in ("relu", "jumprelu") else None
+    return SAE(SAEConfig(arch=arch, d_in=16, d_sae=48, k=k, **kw))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sparse_form_decodes_like_the_dense_latents(arch):
+    torch.manual_seed(0)
+    x = torch.randn(32, 16) * 2 + 0.5
+    sae = make(arch)
+    sae.initialize(x)
+    sae.train()
+    sae.training_loss(x)  # batchtopk/matryoshka estimate their threshold in training
+    sae.eval()
+    x_hat, f, _ = sae(x)
+    values, idx = sae.encode_sparse(x)
+    assert values.shape == idx.shape and values.shape[0] == 32
+    if arch in ("topk", "abstopk"):
+        assert values.shape[1] == 4
+    torch.testing.assert_close(sae.decode_sparse(values, idx), x_hat, rtol=1e-5, atol=1e-5)
+    dense = torch.zeros_like(f).scatter(-1, idx, values)
+    assert torch.equal(dense, f), "the sparse form holds every non-zero latent"
+
+
+def test_initialisation_rules():
+    torch.manual_seed(0)
+    sae = make("topk")
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(48))
+    assert torch.equal(sae.W_enc, sae.W_dec.T), "W_enc = W_dec^T (Gao et al. 2024)"
+    x = torch.randn(500, 16) * 7 + 3
+    sae.initialize(x, b_dec="mean")
+    assert math.isclose((x * sae.in_scale).norm(dim=1).mean().item(), 4.0, rel_tol=1e-5), "mean norm sqrt(d_in)"
+    torch.testing.assert_close(sae.b_dec, (x * sae.in_scale).mean(0))
+    relu = make("relu")
+    assert relu.cfg.unit_norm_decoder is False and make("jumprelu").cfg.unit_norm_decoder is True
+
+
+def test_geometric_median_satisfies_its_optimality_condition():
+    torch.manual_seed(1)
+    pts = torch.cat([torch.randn(200, 5), torch.randn(20, 5) * 50 + 100])  # outliers pull the mean, not the median
+    m = geometric_median(pts).double()
+    unit = (pts.double() - m) / (pts.double() - m).norm(dim=1, keepdim=True)
+    assert unit.sum(0).norm() < 1e-2 * len(pts), "sum of unit vectors to the median is ~0"
+    assert (m - pts.double().mean(0)).norm() > 5 and m.norm() < 2
+
+
+def test_jumprelu_pseudo_derivatives_match_the_paper():
+    """∂/∂θ of Σ z·H(z−θ) is −(θ/ε)·#{|z−θ| < ε/2}; of Σ H(z−θ) it is −(1/ε)·#{...} (Rajamanoharan et al. 2024)."""
+    from sae_widgets.sae import _JumpReLU, _Step
+
+    z = torch.tensor([[0.49, 0.52, 0.9, 0.1]])
+    theta = torch.full((4,), 0.5, requires_grad=True)
+    eps = 0.1
+    _JumpReLU.apply(z, theta, eps).sum().backward()
+    expected = torch.tensor([-(0.5 / eps), -(0.5 / eps), 0.0, 0.0])
+    torch.testing.assert_close(theta.grad, expected)
+    theta.grad = None
+    _Step.apply(z, theta, eps).sum().backward()
+    torch.testing.assert_close(theta.grad, expected / 0.5)
+
+
+def test_backend_switch_and_width_errors():
+    with pytest.raises(ValueError, match="backend='cuda' is not one of"):
+        SAEConfig(arch="topk", d_in=4, d_sae=8, k=2, backend="cuda")
+    sae = SAE(SAEConfig(arch="topk", d_in=4, d_sae=8, k=2, backend="triton"))
+    with pytest.raises(NotImplementedError, match="backend='triton' arrives with the Triton kernels"):
+        sae(torch.randn(2, 4))
+    ok = make("topk")
+    with pytest.raises(ValueError, match="input has width 15, but this SAE expects 16"):
+        ok.encode(torch.randn(3, 15))
+    with pytest.raises(ValueError, match="no out_hook is set"):
+        SAEConfig(arch="topk", d_in=4, d_out=5, d_sae=8, k=2)
+    with pytest.raises(ValueError, match="matryoshka_prefixes=.* must increase strictly"):
+        SAEConfig(arch="matryoshka", d_in=4, d_sae=8, k=2, matryoshka_prefixes=[4, 2, 8])
+    untrained = SAE(SAEConfig(arch="batchtopk", d_in=4, d_sae=8, k=2)).eval()
+    with pytest.raises(RuntimeError, match="no inference threshold yet"):
+        untrained.encode(torch.randn(2, 4))
