@@ -23,6 +23,7 @@ from .config_io import strict_from_dict
 ARCHS = ("relu", "topk", "batchtopk", "jumprelu", "abstopk", "matryoshka")
 TOPK_FAMILY = ("topk", "batchtopk", "abstopk", "matryoshka")  # trained with the aux-k loss
 BACKENDS = ("auto", "torch", "triton")
+TRITON_ARCHS = ("topk", "abstopk")  # fused encoder + TopK kernels; the other archs use the dense PyTorch path
 
 
 @dataclass
@@ -44,7 +45,7 @@ class SAEConfig:
     jumprelu_bandwidth: float = 0.05       # SAELens default; the STE window around θ
     threshold_momentum: float = 0.99     # batchtopk / matryoshka: EMA of the inference threshold
     matryoshka_prefixes: list[int] = field(default_factory=list)  # m1 < m2 < ... < d_sae
-    backend: str = "torch"
+    backend: str = "auto"                # auto: Triton kernels for topk/abstopk on CUDA, PyTorch elsewhere
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -180,14 +181,43 @@ class SAE(nn.Module):
             raise ValueError(f"{what} has width {t.shape[-1]}, but this SAE expects {width} "
                              f"(hook {self.cfg.out_hook if what == 'target' and self.cfg.out_hook else self.cfg.hook!r})")
 
+    # ------------------------------------------------------------------------------------------ backend
+    def uses_triton(self, x: torch.Tensor) -> bool:
+        """Whether this call runs the Triton kernels: `backend` and the device decide (see SAEConfig.backend)."""
+        backend, arch = self.cfg.backend, self.cfg.arch
+        if backend == "torch" or (backend == "auto" and (x.device.type != "cuda" or arch not in TRITON_ARCHS)):
+            return False
+        if arch not in TRITON_ARCHS:
+            raise ValueError(f"backend='triton' has kernels for {TRITON_ARCHS}, not arch={arch!r}; use backend='auto' "
+                             f"or 'torch' (the PyTorch path)")
+        from sae_widgets.kernels import triton_runnable
+
+        if not triton_runnable(x.device):
+            raise RuntimeError(f"backend='triton' needs a CUDA device (tensors are on {x.device}) or the Triton "
+                               f"interpreter (set TRITON_INTERPRET=1 before importing triton); use backend='auto'")
+        return True
+
+    def _sparse_forward(self, x: torch.Tensor):
+        """The Triton path: (x_c, values, indices, x̂ normalised) with no dense B × d_sae tensor."""
+        from sae_widgets.kernels import SparseDecode, TopKEncode
+
+        x_c = self.encoder_input(x)
+        w_enc, w_dec, x_k = self.W_enc, self.W_dec, x_c
+        if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):  # kernels see bf16 operands, fp32 accumulation
+            x_k, w_enc, w_dec = x_c.to(torch.bfloat16), w_enc.to(torch.bfloat16), w_dec.to(torch.bfloat16)
+        values, indices = TopKEncode.apply(x_k, w_enc, self.b_enc, self.cfg.k, self.cfg.arch == "abstopk")
+        return x_c, values, indices, SparseDecode.apply(values, indices, w_dec, self.b_dec)
+
     # ------------------------------------------------------------------------------------------ encode
-    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
-        """z = W_encᵀ(x_n − b_dec) + b_enc, in normalised units."""
+    def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x_n − b_dec (pre-encoder centring; transcoders skip it), in normalised units."""
         self._check_width(x, self.cfg.d_in, "input")
         x_n = x.to(self.W_enc.dtype) * self.in_scale
-        if not self.cfg.is_transcoder:
-            x_n = x_n - self.b_dec
-        return x_n @ self.W_enc + self.b_enc
+        return x_n if self.cfg.is_transcoder else x_n - self.b_dec
+
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """z = W_encᵀ(x_n − b_dec) + b_enc, in normalised units."""
+        return self.encoder_input(x) @ self.W_enc + self.b_enc
 
     @property
     def threshold_theta(self) -> torch.Tensor:
@@ -227,10 +257,20 @@ class SAE(nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Latents [..., d_sae], dense with exact zeros where inactive."""
+        if self.uses_triton(x):
+            _, values, indices, _ = self._sparse_forward(x)
+            return self._densify(values, indices)
         return self.select(self.pre_acts(x))
+
+    def _densify(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        dense = torch.zeros(values.shape[0], self.cfg.d_sae, dtype=values.dtype, device=values.device)
+        return dense.scatter(-1, indices.long(), values)
 
     def encode_sparse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, indices) [B, K]: K = k for topk/abstopk, else the batch's largest count (padded with zeros)."""
+        if self.uses_triton(x):
+            _, values, indices, _ = self._sparse_forward(x)
+            return values, indices.long()
         f = self.encode(x)
         if self.cfg.arch in ("topk", "abstopk"):
             idx = f.abs().topk(self.cfg.k, dim=-1).indices
@@ -253,8 +293,9 @@ class SAE(nn.Module):
         return ((values.unsqueeze(-1) * rows).sum(-2) + self.b_dec) / self.out_scale
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        if self.cfg.backend == "triton":
-            raise NotImplementedError("backend='triton' arrives with the Triton kernels; use backend='torch' or 'auto'")
+        if self.uses_triton(x):
+            _, values, indices, x_hat_n = self._sparse_forward(x)
+            return x_hat_n / self.out_scale, self._densify(values, indices), {"x_hat_normalized": x_hat_n}
         z = self.pre_acts(x)
         f = self.select(z)
         x_hat_n = self.decode_normalized(f)
@@ -271,15 +312,25 @@ class SAE(nn.Module):
         y = x if y is None else y
         self._check_width(y, self.cfg.d_out, "target")
         y_n = y.to(self.W_dec.dtype) * self.out_scale
-        z = self.pre_acts(x)
-        f = self.select(z)
-        x_hat_n = self.decode_normalized(f)
         arch, cfg = self.cfg.arch, self.cfg
-        if arch == "matryoshka":  # sum of the reconstruction losses of every nested prefix (Bussmann et al. 2025)
-            mse = sum(((f[:, :m] @ self.W_dec[:m] + self.b_dec - y_n) ** 2).sum(-1).mean() for m in cfg.matryoshka_prefixes)
+        if self.uses_triton(x):  # topk / abstopk through the kernels: sparse all the way
+            x_c, values, indices, x_hat_n = self._sparse_forward(x)
+            active = values != 0
+            fired = torch.zeros(cfg.d_sae, dtype=torch.bool, device=x.device)
+            fired[indices[active].long()] = True
+            l0 = active.float().sum(-1).mean()
         else:
-            mse = ((x_hat_n - y_n) ** 2).sum(-1).mean()
-        parts = {"mse": mse.detach(), "l0": (f != 0).float().sum(-1).mean().detach()}
+            x_c = self.encoder_input(x)
+            z = x_c @ self.W_enc + self.b_enc
+            f = self.select(z)
+            x_hat_n = self.decode_normalized(f)
+            fired, l0 = (f != 0).any(0), (f != 0).float().sum(-1).mean()
+        mse = ((x_hat_n - y_n) ** 2).sum(-1).mean()
+        parts = {"mse": mse.detach(), "l0": l0.detach()}
+        if arch == "matryoshka":  # sum of the reconstruction losses of every nested prefix (Bussmann et al. 2025)
+            parts["mse_full"] = mse.detach()
+            mse = sum(((f[:, :m] @ self.W_dec[:m] + self.b_dec - y_n) ** 2).sum(-1).mean() for m in cfg.matryoshka_prefixes)
+            parts["mse"] = mse.detach()
         loss = mse
         if arch == "relu":  # λ Σ_i f_i ‖W_dec,i‖ (Anthropic, "Towards Monosemanticity" April 2024 update)
             sparsity = (f * self.W_dec.norm(dim=1)).sum(-1).mean()
@@ -290,22 +341,31 @@ class SAE(nn.Module):
             loss = loss + self.sparsity_coeff_at(step) * l0
             parts["l0_penalty"] = l0.detach()
         if arch in TOPK_FAMILY and dead_mask is not None and bool(dead_mask.any()):
-            aux = self.aux_k_loss(z, dead_mask, (y_n - x_hat_n).detach())
+            aux = self.aux_k_loss(x_c, dead_mask, (y_n - x_hat_n).detach())
             loss = loss + cfg.aux_coeff * aux
             parts["aux_k"] = aux.detach()
         parts["loss"] = loss.detach()
-        parts["_latents"] = f.detach()
+        parts["_fired"] = fired
         return loss, parts
 
-    def aux_k_loss(self, z: torch.Tensor, dead_mask: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """Reconstruct the residual e = y − ŷ from the top `aux_k` dead latents (Gao et al. 2024, §A.2)."""
-        k_aux = min(self.cfg.aux_k, int(dead_mask.sum()))
-        score = z.abs() if self.cfg.arch == "abstopk" else z
-        masked = torch.where(dead_mask, score, torch.full_like(score, -torch.inf))
-        idx = masked.topk(k_aux, dim=-1).indices
-        vals = z.gather(-1, idx)
-        vals = vals if self.cfg.arch == "abstopk" else torch.relu(vals)
-        e_hat = torch.zeros_like(z).scatter(-1, idx, vals) @ self.W_dec
+    def aux_k_loss(self, x_c: torch.Tensor, dead_mask: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """Reconstruct the residual e = y − ŷ from the top `aux_k` dead latents (Gao et al. 2024, §A.2).
+
+        Only the dead latents' pre-activations are computed (a product over the dead columns), so neither
+        backend needs the dense B × d_sae matrix for it.
+        """
+        dead = dead_mask.nonzero().squeeze(1)
+        z = x_c @ self.W_enc[:, dead] + self.b_enc[dead]
+        abs_select = self.cfg.arch == "abstopk"
+        local = (z.abs() if abs_select else z).topk(min(self.cfg.aux_k, len(dead)), dim=-1).indices
+        vals = z.gather(-1, local)
+        vals = vals if abs_select else torch.relu(vals)
+        if self.uses_triton(x_c):
+            from sae_widgets.kernels import SparseDecode
+
+            e_hat = SparseDecode.apply(vals, dead[local].int(), self.W_dec, torch.zeros_like(self.b_dec))
+        else:
+            e_hat = torch.zeros_like(z).scatter(-1, local, vals) @ self.W_dec[dead]
         return ((e_hat - residual) ** 2).sum(-1).mean()
 
     @torch.no_grad()

@@ -222,8 +222,7 @@ class Trainer:
         self.opt.step()
         self.sched.step()
         self.sae.normalize_decoder()
-        latents = parts.pop("_latents")
-        fired = (latents != 0).any(0)
+        fired = parts.pop("_fired")
         self.tokens_since_fired += len(x)
         self.tokens_since_fired[fired] = 0
         self.step += 1
@@ -231,11 +230,7 @@ class Trainer:
         target = (y if y is not None else x).float() * self.sae.out_scale
         var = ((target - target.mean(0)) ** 2).sum(-1).mean()
         metrics = {k: float(v) for k, v in parts.items()}
-        if self.sae.cfg.arch == "matryoshka":  # its "mse" part sums the prefix losses; EV is for the full decoder
-            with torch.no_grad():
-                full = float(((self.sae.decode_normalized(latents) - target) ** 2).sum(-1).mean())
-        else:
-            full = float(parts["mse"])
+        full = float(parts.get("mse_full", parts["mse"]))  # matryoshka's "mse" sums its prefix losses
         metrics["explained_variance"] = 1.0 - full / max(float(var), 1e-12)
         metrics["dead_fraction"] = float((self.tokens_since_fired >= self.cfg.dead_window_tokens).float().mean())
         metrics["lr"] = self.sched.get_last_lr()[0]

@@ -70,12 +70,17 @@ def test_jumprelu_pseudo_derivatives_match_the_paper():
     torch.testing.assert_close(theta.grad, expected / 0.5)
 
 
-def test_backend_switch_and_width_errors():
+def test_backend_switch_and_width_errors(monkeypatch):
     with pytest.raises(ValueError, match="backend='cuda' is not one of"):
         SAEConfig(arch="topk", d_in=4, d_sae=8, k=2, backend="cuda")
-    sae = SAE(SAEConfig(arch="topk", d_in=4, d_sae=8, k=2, backend="triton"))
-    with pytest.raises(NotImplementedError, match="backend='triton' arrives with the Triton kernels"):
-        sae(torch.randn(2, 4))
+    assert SAEConfig(arch="topk", d_in=4, d_sae=8, k=2).backend == "auto"
+    cpu_x = torch.randn(2, 4)
+    assert SAE(SAEConfig(arch="topk", d_in=4, d_sae=8, k=2)).uses_triton(cpu_x) is False, "auto: PyTorch off CUDA"
+    with pytest.raises(ValueError, match="backend='triton' has kernels for .*not arch='relu'"):
+        SAE(SAEConfig(arch="relu", d_in=4, d_sae=8, backend="triton"))(cpu_x)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="needs a CUDA device .* or the Triton interpreter"):
+        SAE(SAEConfig(arch="topk", d_in=4, d_sae=8, k=2, backend="triton"))(cpu_x)
     ok = make("topk")
     with pytest.raises(ValueError, match="input has width 15, but this SAE expects 16"):
         ok.encode(torch.randn(3, 15))

@@ -1,0 +1,120 @@
+"""Triton kernels under the interpreter (TRITON_INTERPRET=1, set in conftest before triton is imported), tiny shapes,
+against the PyTorch references in kernels/reference.py; and the SAE's Triton backend against its PyTorch backend."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sae_widgets.kernels import SparseDecode, TopKEncode, encode_topk, gather_dot, gather_sum, scatter_outer
+from sae_widgets.kernels import reference as ref
+from sae_widgets.kernels.topk_encoder import candidate_width
+from sae_widgets.sae import SAE, SAEConfig
+
+B, D, N = 21, 24, 150  # none a multiple of the block sizes
+
+
+@pytest.mark.parametrize("absolute", [False, True])
+@pytest.mark.parametrize("k", [1, 5])
+def test_fused_encoder_topk_matches_reference_and_writes_every_candidate(absolute, k):
+    g = torch.Generator().manual_seed(k + 10 * absolute)
+    x, w, b = torch.randn(B, D, generator=g), torch.randn(D, N, generator=g), torch.randn(N, generator=g)
+    poison = torch.full((B, candidate_width(B, D, N, k)), 2 ** 62, dtype=torch.int64)  # would win every top-k
+    v, i = encode_topk(x, w, b, k, absolute, keys_out=poison)
+    rv, ri = ref.encode_topk_reference(x, w, b, k, absolute)
+    assert i.dtype == torch.int32 and torch.equal(i.long(), ri)
+    torch.testing.assert_close(v, rv, rtol=1e-5, atol=1e-5)
+    assert (poison != 2 ** 62).all(), "an output slot was never written"
+
+
+def test_fp16_inputs_select_the_reference_values():
+    g = torch.Generator().manual_seed(3)
+    x, w, b = torch.randn(B, D, generator=g).half(), torch.randn(D, N, generator=g).half(), torch.randn(N, generator=g)
+    v, i = encode_topk(x, w, b, 4, False)
+    z = x.double() @ w.double() + b.double()
+    torch.testing.assert_close(z.gather(1, i.long()).relu(), z.topk(4, dim=1).values.relu(), rtol=1e-3, atol=1e-3)
+
+
+def test_ties_go_to_the_lower_index_deterministically():
+    x = torch.ones(3, 16)
+    w = torch.zeros(16, 64)
+    for col in (5, 9, 40, 41):  # four columns tie exactly
+        w[:, col] = 1.0
+    w[:, 20] = -1.0  # a tie in |z| with the columns above, of opposite sign
+    b = torch.zeros(64)
+    v, i = encode_topk(x, w, b, 2, False)
+    assert i.tolist() == [[5, 9]] * 3 and v.tolist() == [[16.0, 16.0]] * 3
+    v, i = encode_topk(x, w, b, 2, True)
+    assert i.tolist() == [[5, 9]] * 3
+    v, i = encode_topk(x, w, b, 8, True)  # five tied by |z|: 5, 9, 20 (negative), 40, 41 in index order
+    assert i[0, :5].tolist() == [5, 9, 20, 40, 41] and v[0, :5].tolist() == [16, 16, -16, 16, 16]
+    rv, ri = ref.encode_topk_reference(x, w, b, 8, True)
+    assert torch.equal(i.long(), ri)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_sparse_decoder_kernels_match_references(dtype):
+    g = torch.Generator().manual_seed(1)
+    k = 6
+    idx = torch.randint(0, N, (B, k), generator=g, dtype=torch.int32)
+    idx[:, 0] = 7  # one hot latent shared by every row; most latents never appear
+    vals = torch.randn(B, k, generator=g)
+    W = torch.randn(N, D, generator=g).to(dtype)
+    bias = torch.randn(D, generator=g)
+    grad = torch.randn(B, D, generator=g).to(dtype)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3)
+    out = torch.full((B, D), float("nan"))
+    gather_sum(vals, idx, W, bias, out=out)
+    torch.testing.assert_close(out, ref.gather_sum_reference(vals, idx.long(), W, bias), **tol)
+    dots = torch.full((B, k), float("nan"))
+    gather_dot(grad, idx, W, out=dots)
+    torch.testing.assert_close(dots, ref.gather_dot_reference(grad, idx.long(), W), **tol)
+    acc = torch.full((N, D), float("nan"))
+    scatter_outer(vals, idx, grad, N, out=acc)
+    torch.testing.assert_close(acc, ref.scatter_outer_reference(vals, idx.long(), grad, N), **tol)
+
+
+@pytest.mark.parametrize("absolute", [False, True])
+def test_autograd_functions_match_dense_float64_gradients(absolute):
+    g = torch.Generator().manual_seed(2)
+    k = 4
+    x = torch.randn(B, D, generator=g, requires_grad=True)
+    w_enc = torch.randn(D, N, generator=g, requires_grad=True)
+    b_enc = torch.randn(N, generator=g, requires_grad=True)
+    w_dec = torch.randn(N, D, generator=g, requires_grad=True)
+    b_dec = torch.randn(D, generator=g, requires_grad=True)
+    target = torch.randn(B, D, generator=g)
+    v, i = TopKEncode.apply(x, w_enc, b_enc, k, absolute)
+    loss = ((SparseDecode.apply(v, i, w_dec, b_dec) - target) ** 2).sum()
+    loss.backward()
+    leaves = [t.detach().double().requires_grad_() for t in (x, w_enc, b_enc, w_dec, b_dec)]
+    z = leaves[0] @ leaves[1] + leaves[2]
+    f = torch.zeros_like(z).scatter(1, i.long(), z.gather(1, i.long()))
+    f = f if absolute else torch.relu(f)
+    ((f @ leaves[3] + leaves[4] - target.double()) ** 2).sum().backward()
+    for ours, theirs in zip((x, w_enc, b_enc, w_dec, b_dec), leaves):
+        torch.testing.assert_close(ours.grad.double(), theirs.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["topk", "abstopk"])
+def test_sae_triton_backend_equals_torch_backend(arch):
+    torch.manual_seed(0)
+    cfg = dict(arch=arch, d_in=D, d_sae=N, k=4, aux_k=8)
+    fast, slow = SAE(SAEConfig(**cfg, backend="triton")), SAE(SAEConfig(**cfg, backend="torch"))
+    slow.load_state_dict(fast.state_dict())
+    x = torch.randn(B, D) * 3
+    fast.initialize(x)
+    slow.initialize(x)
+    dead = torch.zeros(N, dtype=torch.bool)
+    dead[::3] = True  # the aux-k loss takes part
+    losses = []
+    for sae in (fast, slow):
+        loss, parts = sae.training_loss(x, dead_mask=dead)
+        loss.backward()
+        losses.append((loss, parts))
+    torch.testing.assert_close(losses[0][0], losses[1][0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(losses[0][1]["_fired"], losses[1][1]["_fired"]) and "aux_k" in losses[0][1]
+    for (name, p), q in zip(fast.named_parameters(), slow.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4, msg=name)
+    with torch.no_grad():
+        for a, b in zip(fast(x)[:2], slow(x)[:2]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
