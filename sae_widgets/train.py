@@ -153,7 +153,8 @@ class Trainer:
         self.device = next(sae.parameters()).device
         self.batch_tokens = store.batch_size
         self.total_steps = max(1, math.ceil(cfg.total_tokens / self.batch_tokens))
-        self.opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
+        self.opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
+                                    fused=self.device.type == "cuda")
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.lr_factor)
         self.step = 0
         self.tokens = 0
@@ -204,20 +205,19 @@ class Trainer:
         self.initialized = True
 
     # -- one step
-    def train_step(self) -> dict[str, float]:
+    def train_step(self) -> dict[str, torch.Tensor]:
+        """One optimiser step; returns the step's metrics as tensors (converted only when logged: no GPU stalls)."""
         x, y = self._next()
         dead = self.tokens_since_fired >= self.cfg.dead_window_tokens
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cfg.autocast_bf16 and self.device.type == "cuda"):
             loss, parts = self.sae.training_loss(x, y, step=self.step, dead_mask=dead)
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(f"loss became {loss.item()} at step {self.step} (tokens {self.tokens:,}); "
-                                   f"last good checkpoint: {self._last_checkpoint or 'none written'}")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.sae.remove_parallel_grad()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.cfg.grad_clip)
-        if not torch.isfinite(grad_norm):
-            raise TrainingDiverged(f"gradient norm became {grad_norm.item()} at step {self.step}; "
+        if not bool(torch.isfinite(loss + grad_norm)):  # the step's one host sync: never apply a non-finite update
+            what = f"loss became {loss.item()}" if not torch.isfinite(loss) else f"gradient norm became {grad_norm.item()}"
+            raise TrainingDiverged(f"{what} at step {self.step} (tokens {self.tokens:,}); "
                                    f"last good checkpoint: {self._last_checkpoint or 'none written'}")
         self.opt.step()
         self.sched.step()
@@ -229,12 +229,11 @@ class Trainer:
         self.tokens += len(x)
         target = (y if y is not None else x).float() * self.sae.out_scale
         var = ((target - target.mean(0)) ** 2).sum(-1).mean()
-        metrics = {k: float(v) for k, v in parts.items()}
-        full = float(parts.get("mse_full", parts["mse"]))  # matryoshka's "mse" sums its prefix losses
-        metrics["explained_variance"] = 1.0 - full / max(float(var), 1e-12)
-        metrics["dead_fraction"] = float((self.tokens_since_fired >= self.cfg.dead_window_tokens).float().mean())
-        metrics["lr"] = self.sched.get_last_lr()[0]
-        metrics["grad_norm"] = float(grad_norm)
+        metrics = dict(parts)
+        full = parts.get("mse_full", parts["mse"])  # matryoshka's "mse" sums its prefix losses
+        metrics["explained_variance"] = 1.0 - full / var.clamp_min(1e-12)
+        metrics["dead_fraction"] = (self.tokens_since_fired >= self.cfg.dead_window_tokens).float().mean()
+        metrics["grad_norm"] = grad_norm
         return metrics
 
     # -- the loop
@@ -250,6 +249,8 @@ class Trainer:
             while self.tokens < self.cfg.total_tokens and not self._stop:
                 m = self.train_step()
                 if self.step % self.cfg.log_every == 0 or self.tokens >= self.cfg.total_tokens:
+                    m = {k: float(v) for k, v in m.items()}
+                    m["lr"] = self.sched.get_last_lr()[0]
                     m["tokens_per_s"] = (self.tokens - tok0) / max(time.perf_counter() - t0, 1e-9)
                     self.history.append({"step": self.step, "tokens": self.tokens, **m})
                     self._emit(self._event("step", metrics=m))
