@@ -1,7 +1,8 @@
 import os
+import shutil
 
 # Triton runs as its interpreter on machines without a GPU (CI, laptops); a GPU machine compiles for real.
-if not os.path.exists("/dev/nvidiactl"):
+if not (os.path.exists("/dev/nvidiactl") or shutil.which("nvidia-smi")):
     os.environ["TRITON_INTERPRET"] = "1"  # no GPU here: triton kernels run in the interpreter
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download; subprocesses inherit this too
 
