@@ -88,7 +88,7 @@ def unpack_keys(keys, k: int, absolute: bool):
     return vals, idx
 
 
-def encode_topk(x, w_enc, b_enc, k: int, absolute: bool = False, keys_out=None):
+def encode_topk(x, w_enc, b_enc, k: int, absolute: bool = False, keys_out=None, config=None):
     """(values [B, k] fp32, indices [B, k] int32) of TopK(x·W_enc + b_enc) (AbsTopK with `absolute`)."""
     import torch
 
@@ -98,11 +98,14 @@ def encode_topk(x, w_enc, b_enc, k: int, absolute: bool = False, keys_out=None):
         raise ValueError(f"k={k} must be in [1, d_sae={N}]")
     KP = next_pow2(k)
     bm, bn, bk, chunks = _launch_config(B, D, N, KP, x.dtype)
+    warps, stages = 4, 2
+    if config:  # (BM, BN, BK, chunks, num_warps, num_stages), for tuning runs
+        bm, bn, bk, chunks, warps, stages = config
     chunk = triton.cdiv(triton.cdiv(N, chunks), bn) * bn
     chunks = triton.cdiv(N, chunk)
     keys = keys_out if keys_out is not None else torch.empty(B, chunks * KP, dtype=torch.int64, device=x.device)
     grid = (triton.cdiv(B, bm), chunks)
     _encode_topk_kernel[grid](x, w_enc, b_enc, keys, B, D, N, chunk, x.stride(0), x.stride(1),
                               w_enc.stride(0), w_enc.stride(1), keys.stride(0), keys.stride(1),
-                              ABS=absolute, KP=KP, BM=bm, BN=bn, BK=bk)
+                              ABS=absolute, KP=KP, BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
     return unpack_keys(keys, k, absolute)
