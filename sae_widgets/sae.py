@@ -360,12 +360,12 @@ class SAE(nn.Module):
         local = (z.abs() if abs_select else z).topk(min(self.cfg.aux_k, len(dead)), dim=-1).indices
         vals = z.gather(-1, local)
         vals = vals if abs_select else torch.relu(vals)
-        if self.uses_triton(x_c):
+        if z.numel() <= 2 ** 28 or not self.uses_triton(x_c):  # few dead latents: one small dense product wins
+            e_hat = torch.zeros_like(z).scatter(-1, local, vals) @ self.W_dec[dead]
+        else:  # many dead latents on the Triton path: gather rows instead of a B × n_dead matrix
             from sae_widgets.kernels import SparseDecode
 
             e_hat = SparseDecode.apply(vals, dead[local].int(), self.W_dec, torch.zeros_like(self.b_dec))
-        else:
-            e_hat = torch.zeros_like(z).scatter(-1, local, vals) @ self.W_dec[dead]
         return ((e_hat - residual) ** 2).sum(-1).mean()
 
     @torch.no_grad()
