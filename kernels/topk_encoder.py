@@ -1,10 +1,9 @@
 """Fused encoder + TopK: z = x·W_enc + b_enc tile by tile with a running per-row top-k, never writing z.
 
 Each program owns BM rows and one chunk of the latents. For every BN-wide tile it computes z with tl.dot (fp32
-accumulation) and appends the entries that beat the row's current KP-th best score to a small per-row candidate
-buffer; only when a buffer could overflow does one top-k (over int64 keys that sort like the score, ties to the
-lower index) cut it back to KP. Each chunk's best KP keys (B × chunks × KP, not B × d_sae values) are merged by one
-small torch.topk and unpacked into values and int32 indices.
+accumulation), packs each entry into an int64 key that sorts like the score (z, or |z| for AbsTopK) with ties going
+to the lower index, and merges the tile's top KP into its running top KP. The chunks' candidates (B × chunks × KP
+keys, not B × d_sae values) are merged by one small torch.topk and unpacked into values and int32 indices.
 """
 from __future__ import annotations
 
@@ -15,49 +14,24 @@ INT64_MIN = -(2 ** 63)
 
 
 @triton.jit
-def _pack_keys(z, cols, valid, ABS: tl.constexpr):
-    """int64 keys that sort like the score (z, or |z|), ties to the lower index, with z's sign in the lowest bit."""
+def _pack_keys(z, cols, N, ABS: tl.constexpr):
     score = tl.abs(z) if ABS else z
     bits = score.to(tl.int32, bitcast=True)
     ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed-int order == float order
-    low = ((0x7FFFFFFF - cols).to(tl.int64) << 1) | (z < 0).to(tl.int64)
+    low = ((0x7FFFFFFF - cols).to(tl.int64) << 1) | (z < 0).to(tl.int64)  # lower index wins ties; sign bit last
     key = (ordered.to(tl.int64) << 32) | low
-    return tl.where(valid, key, -9223372036854775807 - 1)
+    return tl.where(cols[None, :] < N, key, -9223372036854775807 - 1)
 
 
 @triton.jit
-def _compact(cz_ptr, ci_ptr, base, count, rmask, ABS: tl.constexpr, KP: tl.constexpr, CAP: tl.constexpr):
-    """Keep each row's best KP of its `count` buffered candidates (written back to the buffer's front)."""
-    tl.debug_barrier()
-    slots = tl.arange(0, CAP)
-    valid = (slots[None, :] < count[:, None]) & rmask[:, None]
-    z = tl.load(cz_ptr + base[:, None] + slots[None, :], mask=valid, other=0.0, cache_modifier=".cg")
-    c = tl.load(ci_ptr + base[:, None] + slots[None, :], mask=valid, other=0, cache_modifier=".cg")
-    top = tl.topk(_pack_keys(z, c, valid, ABS), KP)
-    return top
-
-
-@triton.jit
-def _unpack_score(top, ABS: tl.constexpr):
-    high = (top >> 32).to(tl.int32)
-    return (high ^ ((high >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _encode_topk_kernel(x_ptr, w_ptr, b_ptr, cz_ptr, ci_ptr, out_ptr, B, D, N, CHUNK, n_chunks,
+def _encode_topk_kernel(x_ptr, w_ptr, b_ptr, out_ptr, B, D, N, CHUNK,
                         sxb, sxd, swd, swn, sob, soc,
-                        ABS: tl.constexpr, KP: tl.constexpr, CAP: tl.constexpr,
-                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """Running top-KP per row without a sort per tile: entries above the row's current KP-th best score are
-    appended to a candidate buffer (cumsum compaction); the buffer is cut back to KP by one top-k only when a row
-    could overflow it. Columns arrive in increasing order, so `>` keeps ties with the earlier (lower) index."""
+                        ABS: tl.constexpr, KP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
     rmask = rows < B
-    base = (rows.to(tl.int64) * n_chunks + pid_c) * CAP
-    count = tl.zeros((BM,), dtype=tl.int32)
-    thr = tl.full((BM,), float("-inf"), tl.float32)
+    best = tl.full((BM, KP), -9223372036854775807 - 1, tl.int64)
     for t in range(0, CHUNK, BN):
         cols = pid_c * CHUNK + t + tl.arange(0, BN)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -66,29 +40,12 @@ def _encode_topk_kernel(x_ptr, w_ptr, b_ptr, cz_ptr, ci_ptr, out_ptr, B, D, N, C
             xb = tl.load(x_ptr + rows[:, None] * sxb + ks[None, :] * sxd, mask=rmask[:, None] & (ks[None, :] < D), other=0.0)
             wb = tl.load(w_ptr + ks[:, None] * swd + cols[None, :] * swn, mask=(ks[:, None] < D) & (cols[None, :] < N), other=0.0)
             acc = tl.dot(xb, wb, acc)
-        z = acc + tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-        score = tl.abs(z) if ABS else z
-        take = (score > thr[:, None]) & (cols[None, :] < N) & rmask[:, None]
-        ti = take.to(tl.int32)
-        pos = count[:, None] + tl.cumsum(ti, axis=1) - 1
-        tl.store(cz_ptr + base[:, None] + pos, z, mask=take)
-        tl.store(ci_ptr + base[:, None] + pos, tl.broadcast_to(cols[None, :], (BM, BN)), mask=take)
-        count += tl.sum(ti, axis=1)
-        if tl.max(count, axis=0) > CAP - BN:  # some row could overflow with the next tile: cut back to KP
-            top = _compact(cz_ptr, ci_ptr, base, count, rmask, ABS, KP, CAP)
-            keep = tl.arange(0, KP)
-            low = top & 0xFFFFFFFF
-            score_k = _unpack_score(top, ABS)
-            zk = tl.where((low & 1) == 1, -score_k, score_k) if ABS else score_k
-            tl.debug_barrier()
-            tl.store(cz_ptr + base[:, None] + keep[None, :], zk, mask=rmask[:, None])
-            tl.store(ci_ptr + base[:, None] + keep[None, :], (0x7FFFFFFF - (low >> 1)).to(tl.int32), mask=rmask[:, None])
-            full = count >= KP
-            count = tl.minimum(count, KP)
-            thr = tl.where(full, tl.min(score_k, axis=1), thr)
-    top = _compact(cz_ptr, ci_ptr, base, count, rmask, ABS, KP, CAP)
+        bias = tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+        keys = _pack_keys(acc + bias[None, :], cols, N, ABS)
+        top = tl.topk(keys, KP)
+        best = tl.topk(tl.reshape(tl.join(best, top), (BM, 2 * KP)), KP)
     out_cols = pid_c * KP + tl.arange(0, KP)
-    tl.store(out_ptr + rows[:, None] * sob + out_cols[None, :] * soc, top, mask=rmask[:, None])
+    tl.store(out_ptr + rows[:, None] * sob + out_cols[None, :] * soc, best, mask=rmask[:, None])
 
 
 def next_pow2(n: int) -> int:
@@ -104,7 +61,7 @@ def candidate_width(B: int, D: int, N: int, k: int) -> int:
 
 
 def _launch_config(B: int, D: int, N: int, KP: int, dtype) -> tuple[int, int, int, int]:
-    bm = (64 if KP <= 32 else 32) if B >= 64 else 16
+    bm = 64 if B >= 64 else 16
     bn = max(64, KP)
     bk = 64 if D >= 64 else 16
     # enough programs to fill the GPU, but chunks long enough to amortise the merge
@@ -147,11 +104,8 @@ def encode_topk(x, w_enc, b_enc, k: int, absolute: bool = False, keys_out=None, 
     chunk = triton.cdiv(triton.cdiv(N, chunks), bn) * bn
     chunks = triton.cdiv(N, chunk)
     keys = keys_out if keys_out is not None else torch.empty(B, chunks * KP, dtype=torch.int64, device=x.device)
-    cap = next_pow2(KP + 2 * bn)  # candidate buffer per (row, chunk); cut back to KP when it could overflow
-    cand_z = torch.empty(B * chunks * cap, dtype=torch.float32, device=x.device)
-    cand_i = torch.empty(B * chunks * cap, dtype=torch.int32, device=x.device)
     grid = (triton.cdiv(B, bm), chunks)
-    _encode_topk_kernel[grid](x, w_enc, b_enc, cand_z, cand_i, keys, B, D, N, chunk, chunks, x.stride(0), x.stride(1),
+    _encode_topk_kernel[grid](x, w_enc, b_enc, keys, B, D, N, chunk, x.stride(0), x.stride(1),
                               w_enc.stride(0), w_enc.stride(1), keys.stride(0), keys.stride(1),
-                              ABS=absolute, KP=KP, CAP=cap, BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
+                              ABS=absolute, KP=KP, BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
     return unpack_keys(keys, k, absolute)

@@ -122,8 +122,8 @@ def test_sae_triton_backend_equals_torch_backend(arch):
 
 @pytest.mark.parametrize("absolute", [False, True])
 @pytest.mark.parametrize("k", [1, 5])
-def test_running_topk_survives_many_buffer_compactions(absolute, k):
-    """One program scans 1,000 latents (16 tiles): its candidate buffer is cut back to k several times per row."""
+def test_running_topk_over_many_tiles_in_one_program(absolute, k):
+    """One program scans 1,000 latents (16 tiles), merging its running top-k sixteen times per row."""
     g = torch.Generator().manual_seed(7 + k)
     x, w, b = torch.randn(B, D, generator=g), torch.randn(D, 1000, generator=g), torch.randn(1000, generator=g)
     w[:, 900] = w[:, 100]  # an exact tie far apart: the earlier index must win
