@@ -13,21 +13,13 @@ import argparse
 import itertools
 
 import torch
+from fixed_batches import FixedBatches
 from triton.testing import do_bench
 
 from sae_widgets.sae import SAE, SAEConfig
 from sae_widgets.train import Trainer, TrainConfig
 
 D_IN = 768
-
-
-class Fixed:
-    def __init__(self, batches):
-        self.batches, self.i, self.batch_size = batches, 0, len(batches[0])
-
-    def next_batch(self):
-        self.i += 1
-        return self.batches[self.i % len(self.batches)]
 
 
 def ceilings():
@@ -44,7 +36,7 @@ def trainer(backend, d_sae, k, batch, bf16):
     torch.manual_seed(0)
     sae = SAE(SAEConfig(arch="topk", d_in=D_IN, d_sae=d_sae, k=k, backend=backend)).cuda()
     batches = [torch.randn(batch, D_IN, device="cuda") for _ in range(3)]
-    tr = Trainer(sae, Fixed(batches), TrainConfig(total_tokens=10 ** 15, progress=False, autocast_bf16=bf16,
+    tr = Trainer(sae, FixedBatches(batches), TrainConfig(total_tokens=10 ** 15, progress=False, autocast_bf16=bf16,
                                                   init_tokens=batch, dead_window_tokens=10 ** 12, lr_warmup_steps=1))
     tr._initialize()
     sae.train()
@@ -72,7 +64,7 @@ def measure(backend, d_sae, k, batch, bf16):
     tr.train_step()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() / 2 ** 30
-    del tr, sae
+    tr = sae = None  # free the GPU memory before the next configuration
     torch.cuda.empty_cache()
     return t_f, t_fb - t_f, t_step, peak
 

@@ -14,6 +14,7 @@ import platform
 import time
 
 import torch
+from fixed_batches import FixedBatches
 
 from sae_widgets.activations import ActivationStore
 from sae_widgets.models import load_model
@@ -21,17 +22,6 @@ from sae_widgets.sae import SAE, SAEConfig
 from sae_widgets.train import Trainer, TrainConfig
 
 D_IN, D_SAE, K, BATCH, HOOK = 256, 4096, 32, 4096, "blocks.1.hook_resid_post"
-
-
-class Fixed:
-    """A store that serves pre-drawn batches in a loop, to time the SAE step without the model."""
-
-    def __init__(self, batches):
-        self.batches, self.i, self.batch_size = batches, 0, len(batches[0])
-
-    def next_batch(self):
-        self.i += 1
-        return self.batches[self.i % len(self.batches)]
 
 
 def naive_step_fn(device):
@@ -88,7 +78,7 @@ def main() -> None:
         sae.train()
         return tr
 
-    tr_fixed = ours(Fixed(batches))
+    tr_fixed = ours(FixedBatches(batches))
     naive = naive_step_fn(dev)
     r_ours = rate(tr_fixed.train_step, args.steps, BATCH, dev)
     r_naive = rate(lambda: naive(batches[0]), args.steps, BATCH, dev)
