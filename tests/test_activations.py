@@ -2,7 +2,6 @@
 disk cache, resume and bad input. Tiny shapes: contexts of 16-32 tokens, buffers of a few hundred rows."""
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
