@@ -34,3 +34,13 @@ def scatter_outer_reference(coef, indices, rows, n_latents):
     b = torch.arange(indices.shape[0], device=rows.device).repeat_interleave(indices.shape[1])
     out.index_add_(0, indices.reshape(-1), coef.float().reshape(-1, 1) * rows.float()[b])
     return out
+
+
+def encode_jumprelu_reference(x, w_enc, b_enc, theta, k_max: int):
+    """JumpReLU latents in sparse form: the z > θ entries, largest first (ties to the lower index), at most k_max."""
+    z = x.float() @ w_enc.float() + b_enc.float()
+    active = z > theta.float()
+    score = torch.where(active, z, torch.full_like(z, float("-inf")))
+    order = torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :k_max]
+    keep = active.gather(-1, order)
+    return torch.where(keep, z.gather(-1, order), 0.0), torch.where(keep, order, 0), active.sum(-1)

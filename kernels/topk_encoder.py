@@ -14,24 +14,26 @@ INT64_MIN = -(2 ** 63)
 
 
 @triton.jit
-def _pack_keys(z, cols, N, ABS: tl.constexpr):
+def _pack_keys(z, cols, valid, ABS: tl.constexpr):
     score = tl.abs(z) if ABS else z
     bits = score.to(tl.int32, bitcast=True)
     ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed-int order == float order
     low = ((0x7FFFFFFF - cols).to(tl.int64) << 1) | (z < 0).to(tl.int64)  # lower index wins ties; sign bit last
     key = (ordered.to(tl.int64) << 32) | low
-    return tl.where(cols[None, :] < N, key, -9223372036854775807 - 1)
+    return tl.where(valid, key, -9223372036854775807 - 1)
 
 
 @triton.jit
-def _encode_topk_kernel(x_ptr, w_ptr, b_ptr, out_ptr, B, D, N, CHUNK,
+def _encode_topk_kernel(x_ptr, w_ptr, b_ptr, theta_ptr, count_ptr, out_ptr, B, D, N, CHUNK, n_chunks,
                         sxb, sxd, swd, swn, sob, soc,
-                        ABS: tl.constexpr, KP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                        ABS: tl.constexpr, JUMP: tl.constexpr, KP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                        BK: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
     rmask = rows < B
     best = tl.full((BM, KP), -9223372036854775807 - 1, tl.int64)
+    n_active = tl.zeros((BM,), dtype=tl.int32)
     for t in range(0, CHUNK, BN):
         cols = pid_c * CHUNK + t + tl.arange(0, BN)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -41,11 +43,19 @@ def _encode_topk_kernel(x_ptr, w_ptr, b_ptr, out_ptr, B, D, N, CHUNK,
             wb = tl.load(w_ptr + ks[:, None] * swd + cols[None, :] * swn, mask=(ks[:, None] < D) & (cols[None, :] < N), other=0.0)
             acc = tl.dot(xb, wb, acc)
         bias = tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
-        keys = _pack_keys(acc + bias[None, :], cols, N, ABS)
+        z = acc + bias[None, :]
+        valid = (cols[None, :] < N) & rmask[:, None]
+        if JUMP:  # JumpReLU: only z > θ_i is active (Rajamanoharan et al. 2024); count them to detect overflow
+            theta = tl.load(theta_ptr + cols, mask=cols < N, other=float("inf")).to(tl.float32)
+            valid = valid & (z > theta[None, :])
+            n_active += tl.sum(valid.to(tl.int32), axis=1)
+        keys = _pack_keys(z, cols, valid, ABS)
         top = tl.topk(keys, KP)
         best = tl.topk(tl.reshape(tl.join(best, top), (BM, 2 * KP)), KP)
     out_cols = pid_c * KP + tl.arange(0, KP)
     tl.store(out_ptr + rows[:, None] * sob + out_cols[None, :] * soc, best, mask=rmask[:, None])
+    if JUMP:
+        tl.store(count_ptr + rows * n_chunks + pid_c, n_active, mask=rmask)
 
 
 def next_pow2(n: int) -> int:
@@ -88,8 +98,12 @@ def unpack_keys(keys, k: int, absolute: bool):
     return vals, idx
 
 
-def encode_topk(x, w_enc, b_enc, k: int, absolute: bool = False, keys_out=None, config=None):
-    """(values [B, k] fp32, indices [B, k] int32) of TopK(x·W_enc + b_enc) (AbsTopK with `absolute`)."""
+def encode_topk(x, w_enc, b_enc, k: int, absolute: bool = False, keys_out=None, config=None, theta=None):
+    """(values [B, k] fp32, indices [B, k] int32) of TopK(x·W_enc + b_enc) (AbsTopK with `absolute`).
+
+    With `theta` (JumpReLU thresholds [d_sae]): the active latents z > θ in sparse form, at most k per row, padded
+    with zeros, plus each row's count of active latents (a count above k means the row did not fit).
+    """
     import torch
 
     B, D = x.shape
@@ -105,7 +119,14 @@ def encode_topk(x, w_enc, b_enc, k: int, absolute: bool = False, keys_out=None, 
     chunks = triton.cdiv(N, chunk)
     keys = keys_out if keys_out is not None else torch.empty(B, chunks * KP, dtype=torch.int64, device=x.device)
     grid = (triton.cdiv(B, bm), chunks)
-    _encode_topk_kernel[grid](x, w_enc, b_enc, keys, B, D, N, chunk, x.stride(0), x.stride(1),
-                              w_enc.stride(0), w_enc.stride(1), keys.stride(0), keys.stride(1),
-                              ABS=absolute, KP=KP, BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
-    return unpack_keys(keys, k, absolute)
+    jump = theta is not None
+    counts = torch.empty(B, chunks, dtype=torch.int32, device=x.device) if jump else keys
+    _encode_topk_kernel[grid](x, w_enc, b_enc, theta if jump else b_enc, counts, keys, B, D, N, chunk, chunks,
+                              x.stride(0), x.stride(1), w_enc.stride(0), w_enc.stride(1), keys.stride(0), keys.stride(1),
+                              ABS=absolute, JUMP=jump, KP=KP, BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
+    if not jump:
+        return unpack_keys(keys, k, absolute)
+    top = keys.topk(k, dim=-1).values if keys.shape[-1] > k else keys
+    values, indices = unpack_keys(top, k, absolute=True)  # signed values; relu would be wrong for negative θ
+    empty = top == INT64_MIN
+    return values.masked_fill(empty, 0.0), indices.masked_fill(empty, 0), counts.sum(1)

@@ -23,7 +23,7 @@ from .config_io import strict_from_dict
 ARCHS = ("relu", "topk", "batchtopk", "jumprelu", "abstopk", "matryoshka")
 TOPK_FAMILY = ("topk", "batchtopk", "abstopk", "matryoshka")  # trained with the aux-k loss
 BACKENDS = ("auto", "torch", "triton")
-TRITON_ARCHS = ("topk", "abstopk")  # fused encoder + TopK kernels; the other archs use the dense PyTorch path
+TRITON_ARCHS = ("topk", "abstopk")  # trained on the kernels; jumprelu uses them for inference; the rest are dense
 
 
 @dataclass
@@ -43,6 +43,7 @@ class SAEConfig:
     aux_coeff: float = 1 / 32            # Gao et al. 2024
     jumprelu_init_threshold: float = 0.1   # high enough that the L0 term bites within short runs
     jumprelu_bandwidth: float = 0.05       # SAELens default; the STE window around θ
+    jumprelu_max_active: int = 256       # jumprelu inference on the kernels: rows with more actives use the dense path
     threshold_momentum: float = 0.99     # batchtopk / matryoshka: EMA of the inference threshold
     matryoshka_prefixes: list[int] = field(default_factory=list)  # m1 < m2 < ... < d_sae
     backend: str = "auto"                # auto: Triton kernels for topk/abstopk on CUDA, PyTorch elsewhere
@@ -185,9 +186,12 @@ class SAE(nn.Module):
     def uses_triton(self, x: torch.Tensor) -> bool:
         """Whether this call runs the Triton kernels: `backend` and the device decide (see SAEConfig.backend)."""
         backend, arch = self.cfg.backend, self.cfg.arch
-        if backend == "torch" or (backend == "auto" and (x.device.type != "cuda" or arch not in TRITON_ARCHS)):
+        if arch == "jumprelu" and torch.is_grad_enabled():
+            return False  # its threshold gradients need the pre-activations near θ: JumpReLU trains on the dense path
+        kernel_arch = arch in TRITON_ARCHS or arch == "jumprelu"
+        if backend == "torch" or (backend == "auto" and (x.device.type != "cuda" or not kernel_arch)):
             return False
-        if arch not in TRITON_ARCHS:
+        if not kernel_arch:
             raise ValueError(f"backend='triton' has kernels for {TRITON_ARCHS}, not arch={arch!r}; use backend='auto' "
                              f"or 'torch' (the PyTorch path)")
         from sae_widgets.kernels import triton_runnable
@@ -205,7 +209,15 @@ class SAE(nn.Module):
         w_enc, w_dec, x_k = self.W_enc, self.W_dec, x_c
         if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):  # kernels see bf16 operands, fp32 accumulation
             x_k, w_enc, w_dec = x_c.to(torch.bfloat16), w_enc.to(torch.bfloat16), w_dec.to(torch.bfloat16)
-        values, indices = TopKEncode.apply(x_k, w_enc, self.b_enc, self.cfg.k, self.cfg.arch == "abstopk")
+        if self.cfg.arch == "jumprelu":  # inference only (no autograd): the active latents in sparse form
+            from sae_widgets.kernels import encode_topk
+
+            values, indices, counts = encode_topk(x_k, w_enc, self.b_enc, self.cfg.jumprelu_max_active,
+                                                  theta=self.threshold_theta)
+            if int(counts.max()) > self.cfg.jumprelu_max_active:
+                return None  # a row has more active latents than the sparse form holds: use the exact dense path
+        else:
+            values, indices = TopKEncode.apply(x_k, w_enc, self.b_enc, self.cfg.k, self.cfg.arch == "abstopk")
         return x_c, values, indices, SparseDecode.apply(values, indices, w_dec, self.b_dec)
 
     # ------------------------------------------------------------------------------------------ encode
@@ -257,9 +269,9 @@ class SAE(nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Latents [..., d_sae], dense with exact zeros where inactive."""
-        if self.uses_triton(x):
-            _, values, indices, _ = self._sparse_forward(x)
-            return self._densify(values, indices)
+        sparse = self._sparse_forward(x) if self.uses_triton(x) else None
+        if sparse is not None:
+            return self._densify(sparse[1], sparse[2])
         return self.select(self.pre_acts(x))
 
     def _densify(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -268,9 +280,9 @@ class SAE(nn.Module):
 
     def encode_sparse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, indices) [B, K]: K = k for topk/abstopk, else the batch's largest count (padded with zeros)."""
-        if self.uses_triton(x):
-            _, values, indices, _ = self._sparse_forward(x)
-            return values, indices.long()
+        sparse = self._sparse_forward(x) if self.uses_triton(x) and self.cfg.arch != "jumprelu" else None
+        if sparse is not None:
+            return sparse[1], sparse[2].long()
         f = self.encode(x)
         if self.cfg.arch in ("topk", "abstopk"):
             idx = f.abs().topk(self.cfg.k, dim=-1).indices
@@ -293,8 +305,9 @@ class SAE(nn.Module):
         return ((values.unsqueeze(-1) * rows).sum(-2) + self.b_dec) / self.out_scale
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        if self.uses_triton(x):
-            _, values, indices, x_hat_n = self._sparse_forward(x)
+        sparse = self._sparse_forward(x) if self.uses_triton(x) else None
+        if sparse is not None:
+            _, values, indices, x_hat_n = sparse
             return x_hat_n / self.out_scale, self._densify(values, indices), {"x_hat_normalized": x_hat_n}
         z = self.pre_acts(x)
         f = self.select(z)
@@ -313,7 +326,7 @@ class SAE(nn.Module):
         self._check_width(y, self.cfg.d_out, "target")
         y_n = y.to(self.W_dec.dtype) * self.out_scale
         arch, cfg = self.cfg.arch, self.cfg
-        if self.uses_triton(x):  # topk / abstopk through the kernels: sparse all the way
+        if arch in TRITON_ARCHS and self.uses_triton(x):  # topk / abstopk through the kernels: sparse all the way
             x_c, values, indices, x_hat_n = self._sparse_forward(x)
             active = values != 0
             fired = torch.zeros(cfg.d_sae, dtype=torch.bool, device=x.device)

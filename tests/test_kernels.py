@@ -132,3 +132,32 @@ def test_running_topk_over_many_tiles_in_one_program(absolute, k):
     rv, ri = ref.encode_topk_reference(x, w, b, k, absolute)
     assert torch.equal(i.long(), ri)
     torch.testing.assert_close(v, rv, rtol=1e-5, atol=1e-5)
+
+
+def test_jumprelu_variant_gives_the_active_latents_in_sparse_form():
+    g = torch.Generator().manual_seed(11)
+    x, w, b = torch.randn(B, D, generator=g), torch.randn(D, N, generator=g), torch.randn(N, generator=g)
+    theta = torch.rand(N, generator=g) * 8 + 4  # a few latents per row clear their threshold
+    v, i, counts = encode_topk(x, w, b, 32, theta=theta)
+    rv, ri, rc = ref.encode_jumprelu_reference(x, w, b, theta, 32)
+    assert torch.equal(counts.long(), rc) and int(rc.max()) <= 32 and int(rc.min()) >= 0
+    assert torch.equal(i.long(), ri)
+    torch.testing.assert_close(v, rv, rtol=1e-5, atol=1e-5)
+    _, _, few = encode_topk(x, w, b, 1, theta=theta * 0.2)  # too many actives for k_max = 1: the count says so
+    assert int(few.max()) > 1
+
+
+def test_jumprelu_sae_inference_on_the_kernels_equals_the_dense_path():
+    torch.manual_seed(4)
+    cfg = dict(arch="jumprelu", d_in=D, d_sae=N, jumprelu_init_threshold=3.0, jumprelu_max_active=32)
+    fast, slow = SAE(SAEConfig(**cfg, backend="triton")), SAE(SAEConfig(**cfg, backend="torch"))
+    slow.load_state_dict(fast.state_dict())
+    x = torch.randn(B, D) * 3
+    with torch.no_grad():
+        assert fast.uses_triton(x)
+        for a, b in zip(fast(x)[:2], slow(x)[:2]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        tight = SAE(SAEConfig(**{**cfg, "jumprelu_max_active": 1}, backend="triton"))
+        tight.load_state_dict(fast.state_dict())
+        torch.testing.assert_close(tight(x)[0], slow(x)[0], rtol=1e-5, atol=1e-5)  # overflow: the dense path
+    assert not fast.uses_triton(x), "with gradients on, JumpReLU stays dense"
