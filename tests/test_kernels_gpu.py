@@ -99,3 +99,25 @@ def test_training_triton_vs_torch_loss_curves_agree_over_500_steps():
     diff = ((curves["triton"] - curves["torch"]).abs() / curves["torch"]).max().item()
     print(f"max relative difference of the loss curves over 500 steps: {diff:.4f}")
     assert diff < 0.05
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k_max", [32, 128])
+def test_jumprelu_variant_gpu(dtype, k_max):
+    B, D, N = 4097, 768, 32768
+    x = torch.randn(B, D, device="cuda").to(dtype)
+    w = (torch.randn(D, N, device="cuda") / D ** 0.5).to(dtype)
+    b = torch.randn(N, device="cuda") * 0.1
+    theta = torch.rand(N, device="cuda") + 2.2  # about 10-30 active latents per row
+    keys = torch.full((B, candidate_width(B, D, N, k_max)), 2 ** 62, dtype=torch.int64, device="cuda")
+    v, i, counts = encode_topk(x, w, b, k_max, theta=theta, keys_out=keys)
+    assert (keys != 2 ** 62).all(), "an output slot was never written"
+    z = x.double() @ w.double() + b.double()
+    active = z > theta.double()
+    n_ref = active.sum(1)
+    near = ((z - theta.double()).abs() < 1e-2).sum(1)  # rounding can flip entries within the dtype's error of θ
+    assert ((counts.long() - n_ref).abs() <= near).all()
+    fits = counts <= k_max
+    got = torch.zeros_like(z).scatter(1, i.long(), v.double())
+    want = torch.where(active, z, 0.0)
+    assert rel(got[fits], want[fits]) < TOL[dtype]
