@@ -16,6 +16,9 @@ def t(fn):
     return do_bench(fn, warmup=20, rep=100, return_mode="median")
 
 
+SCATTER_ONLY = "--scatter-only" in __import__("sys").argv
+
+
 def main():
     print(f"device: {torch.cuda.get_device_name()}; B {B}, d_in {D}, d_sae {N}, k {K}, bf16 operands\n")
     x = torch.randn(B, D, device="cuda", dtype=torch.bfloat16)
@@ -41,6 +44,11 @@ def main():
     print("| op | ms |\n|---|---|")
     for name, ms in rows:
         print(f"| {name} | {ms:.3f} |")
+    print("\n| scatter_outer tiles (BT, BD) | ms |\n|---|---|")
+    for tiles in [(16, 128), (16, 256), (32, 256), (32, 128), (64, 256), (8, 256), (16, 512)]:
+        print(f"| {tiles} | {t(lambda: scatter_outer(v, i, g, N, tiles=tiles)):.3f} |", flush=True)
+    if SCATTER_ONLY:
+        return
     print("\n| encoder tiling (BM, BN, BK, chunks, warps, stages) | ms |\n|---|---|")
     for cfg in [(64, 64, 64, 4, 4, 2), (128, 64, 64, 4, 4, 2), (64, 128, 64, 4, 4, 2), (128, 128, 64, 4, 8, 2),
                 (128, 64, 64, 8, 8, 3), (64, 64, 128, 8, 4, 3), (64, 256, 64, 4, 8, 2), (32, 64, 64, 8, 4, 2)]:

@@ -100,13 +100,14 @@ def group_by_latent(indices, n_latents: int):
     return order, starts
 
 
-def scatter_outer(coef, indices, rows, n_latents: int, grouping=None, out_dtype=torch.float32, out=None):
+def scatter_outer(coef, indices, rows, n_latents: int, grouping=None, out_dtype=torch.float32, out=None,
+                  tiles: tuple[int, int] | None = None):
     B, K = indices.shape
     D = rows.shape[1]
     order, starts = grouping if grouping is not None else group_by_latent(indices, n_latents)
     coef, rows = coef.contiguous(), rows.contiguous()
     out = out if out is not None else torch.empty(n_latents, D, dtype=out_dtype, device=rows.device)
-    BD = min(128, next_pow2(D))
+    BT, BD = tiles or (16, min(128, next_pow2(D)))  # (occurrences, columns) per step; `tiles` is for tuning runs
     _scatter_outer_kernel[(n_latents, triton.cdiv(D, BD))](order, starts, coef, rows, out, K, D, rows.stride(0),
-                                                          out.stride(0), BT=16, BD=BD)
+                                                          out.stride(0), BT=BT, BD=BD)
     return out
