@@ -45,7 +45,7 @@ def main():
     for name, ms in rows:
         print(f"| {name} | {ms:.3f} |")
     print("\n| scatter_outer tiles (BT, BD) | ms |\n|---|---|")
-    for tiles in [(16, 128), (16, 256), (32, 256), (32, 128), (64, 256), (8, 256), (16, 512)]:
+    for tiles in [(16, 128), (16, 512), (32, 512), (16, 1024), (32, 1024), (8, 1024), (64, 512)]:
         print(f"| {tiles} | {t(lambda: scatter_outer(v, i, g, N, tiles=tiles)):.3f} |", flush=True)
     if SCATTER_ONLY:
         return
