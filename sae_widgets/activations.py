@@ -11,7 +11,6 @@ order, and the buffer takes exactly the rows it needs, so a cached run yields th
 from __future__ import annotations
 
 import difflib
-import json
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -22,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from .atomic import save_safetensors_atomic, write_json_atomic
+from .config_io import read_json
 from .token_sources import EmbeddedCorpus, TokenSource
 from .tokens import window_body
 
@@ -336,7 +336,7 @@ def read_manifest(cache_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(cache_dir) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"no activation cache at {cache_dir}: {MANIFEST} is missing")
-    return json.loads(path.read_text())
+    return read_json(path)
 
 
 def write_activation_cache(model, hooks: str | Sequence[str], cache_dir: str | os.PathLike, n_tokens: int,

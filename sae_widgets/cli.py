@@ -136,7 +136,7 @@ def cmd_hooks(args: argparse.Namespace) -> int:
 
 def cmd_cache(args: argparse.Namespace) -> int:
     """Fill (or finish) a disk cache of activations, so later runs read shards instead of running the model."""
-    from .activations import write_activation_cache
+    from .activations import read_manifest, write_activation_cache
     from .models import load_model
     from .token_sources import EmbeddedCorpus, TextFiles
 
@@ -150,7 +150,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
                                      model_batch_size=args.model_batch_size, seed=args.seed)
     except (ValueError, FileNotFoundError) as e:
         raise UsageError(str(e)) from e
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = read_manifest(out)
     print(f"activation cache {out}: {manifest['n_rows']:,} rows of {manifest['hooks']} "
           f"(d={manifest['d_hooks']}) in {len(manifest['shards'])} shards")
     return 0
@@ -180,6 +180,7 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     import dataclasses
 
+    from .config_io import read_json
     from .runs import RunConfig, train_run
 
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if getattr(args, f.name) is not None}
@@ -192,12 +193,12 @@ def cmd_train(args: argparse.Namespace) -> int:
                                  f"it: {sorted(changed)} (only --device and --progress may differ)")
             cfg = dataclasses.replace(cfg, **{k: v for k, v in given.items() if k in ("device", "progress")})
         else:
-            base = json.loads(Path(args.config).read_text()) if args.config else {}
+            base = read_json(args.config) if args.config else {}
             if "hook" not in {**base, **given}:
                 raise UsageError("--hook is required (or a 'hook' key in --config)")
             cfg = RunConfig.from_dict({**base, **given})
         result = train_run(cfg, resume=bool(args.resume))
-    except (ValueError, FileNotFoundError, FileExistsError, json.JSONDecodeError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
         raise UsageError(str(e)) from e
     except KeyboardInterrupt:
         print(f"\ninterrupted: the last checkpoint is kept; continue with  sae-widgets train --resume {args.resume or cfg.out}",

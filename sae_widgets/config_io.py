@@ -1,10 +1,21 @@
-"""Configs from JSON: refuse unknown keys (a typo must not be silently ignored) and name the known ones."""
+"""Configs from JSON: a clear error for a file that is not JSON, and for unknown keys (a typo must not be silently
+ignored) with the known ones named."""
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import fields
+from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
 
 
 def strict_from_dict(cls: type[T], d: dict[str, Any], what: str) -> T:

@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .atomic import save_safetensors_atomic, write_json_atomic
+from .config_io import read_json
 from .sae import SAE, SAEConfig
 
 WEIGHTS, CONFIG = "sae.safetensors", "sae_config.json"
@@ -69,10 +70,7 @@ def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu") -> SAE
     missing = [n for n in (WEIGHTS, CONFIG) if not (folder / n).is_file()]
     if missing:
         raise FileNotFoundError(f"{folder} is not an SAE folder: missing {missing}")
-    try:
-        meta = json.loads((folder / CONFIG).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{folder / CONFIG} is not valid JSON: {e}") from e
+    meta = read_json(folder / CONFIG)
     if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
         raise ValueError(f"{folder / CONFIG} must be a JSON object with a 'config' object; got {type(meta).__name__}"
                          f"{' without config' if isinstance(meta, dict) else ''}")

@@ -5,7 +5,6 @@ run is reproducible from its `run_config.json` alone and `--resume DIR` needs no
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Any
 import torch
 
 from .atomic import write_json_atomic
-from .config_io import strict_from_dict
+from .config_io import read_json, strict_from_dict
 from .sae import SAE, SAEConfig
 from .train import Trainer, TrainConfig
 
@@ -65,10 +64,7 @@ class RunConfig:
             path = path / RUN_CONFIG
         if not path.is_file():
             raise FileNotFoundError(f"no run config at {path}")
-        try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from e
+        return cls.from_dict(read_json(path))
 
     def sae_config(self, d_in: int, d_out: int, model_name: str) -> SAEConfig:
         extra = {"matryoshka_prefixes": self.matryoshka_prefixes} if self.matryoshka_prefixes else {}

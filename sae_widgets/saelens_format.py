@@ -24,7 +24,6 @@ SAEs, gated / skip transcoders, ...) is refused with an error naming it.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -36,6 +35,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .atomic import save_safetensors_atomic, write_json_atomic
+from .config_io import read_json
 from .persistence import load_tensors_checked, refuse_pickles
 from .sae import SAE, SAEConfig
 
@@ -80,7 +80,7 @@ def load_saelens(path: str | os.PathLike, device: str | torch.device = "cpu", *,
     if missing:
         raise FileNotFoundError(f"{folder} is not an SAELens SAE folder: missing {missing} "
                                 f"(expected {CFG_FILE} + {WEIGHTS_FILE})")
-    cfg = _read_json(folder / CFG_FILE)
+    cfg = read_json(folder / CFG_FILE)
     if not isinstance(cfg, dict):
         raise ValueError(f"{folder / CFG_FILE} holds a {type(cfg).__name__}, not a JSON object")
     try:
@@ -100,13 +100,6 @@ def load_saelens(path: str | os.PathLike, device: str | torch.device = "cpu", *,
     state["out_scale"] = torch.tensor(scale, dtype=torch.float32)
     load_tensors_checked(sae, state, str(folder / WEIGHTS_FILE))
     return sae.to(device).eval()
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
 
 
 def _saelens_version(cfg: dict[str, Any]) -> str | None:
@@ -220,7 +213,7 @@ def _norm_scale(spec: dict[str, Any], folder: Path, given: float | None) -> floa
         return 1.0
     s = given
     if s is None and (folder / ACTIVATION_SCALER_FILE).is_file():
-        s = _read_json(folder / ACTIVATION_SCALER_FILE).get("scaling_factor")
+        s = read_json(folder / ACTIVATION_SCALER_FILE).get("scaling_factor")
     if s is None:
         raise ValueError(f"{folder / CFG_FILE} has normalize_activations='expected_average_only_in': SAELens multiplies "
                          f"inputs by a constant that this folder does not record (no {ACTIVATION_SCALER_FILE}). "
