@@ -117,9 +117,12 @@ class ModelRows:
                 pending.extend(doc)
                 if self.sep_id is not None:
                     pending.append(self.sep_id)
-                while len(pending) >= body:
-                    w, pending = pending[:body], pending[body:]
+                start = 0  # cut windows by offset: re-slicing the rest per window is quadratic in document length
+                while len(pending) - start >= body:
+                    w = pending[start:start + body]
+                    start += body
                     yield ([self.bos_id] if self.bos_id is not None else []) + w
+                del pending[:start]
             if not any_doc:
                 raise ValueError(f"the token source {self.source.describe()} is empty: it yielded no tokens")
             if count_epochs:
@@ -196,7 +199,7 @@ class CachedRows:
                              f"{self.manifest['n_tokens']} rows); run write_activation_cache again to finish it")
         self.hooks, self.d_hooks = self.manifest["hooks"], self.manifest["d_hooks"]
         self.dtype, self.device = dtype, device
-        self.shard, self.epoch, self.rows_done = 0, 0, 0
+        self.shard, self.epoch = 0, 0
         self.stop_at_layer = None
 
     def next_rows(self) -> torch.Tensor:
@@ -205,9 +208,7 @@ class CachedRows:
             self.shard, self.epoch = 0, self.epoch + 1
         t = load_file(self.dir / shards[self.shard]["file"])
         self.shard += 1
-        rows = torch.cat([t[h] for h in self.hooks], dim=-1).to(self.device, self.dtype)
-        self.rows_done += len(rows)
-        return rows
+        return torch.cat([t[h] for h in self.hooks], dim=-1).to(self.device, self.dtype)
 
     def state(self) -> dict[str, int]:
         return {"shard": self.shard, "epoch": self.epoch}
@@ -384,7 +385,7 @@ def write_activation_cache(model, hooks: str | Sequence[str], cache_dir: str | o
         shard = torch.cat(chunks)[: n_tokens - manifest["n_rows"]]
         name = f"shard_{len(manifest['shards']):05d}.safetensors"
         split = torch.split(shard, rows.d_hooks, dim=-1)
-        save_safetensors_atomic(out / name, {h: s.contiguous() for h, s in zip(hooks, split)})
+        save_safetensors_atomic(out / name, dict(zip(hooks, split)))  # it makes each tensor contiguous
         manifest["shards"].append({"file": name, "n_rows": len(shard)})
         manifest["n_rows"] += len(shard)
         manifest["windows_done"] = rows.windows_done
