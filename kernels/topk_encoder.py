@@ -65,12 +65,17 @@ def next_pow2(n: int) -> int:
 def candidate_width(B: int, D: int, N: int, k: int) -> int:
     """Columns of the packed-key buffer `encode_topk` writes (chunks × KP), for callers that pass `keys_out`."""
     KP = next_pow2(k)
-    bm, bn, bk, chunks = _launch_config(B, D, N, KP, None)
+    bm, bn, bk, chunks = _launch_config(B, D, N, KP)
+    return _chunking(N, chunks, bn)[1] * KP
+
+
+def _chunking(N: int, chunks: int, bn: int) -> tuple[int, int]:
+    """(columns per program, programs per row block): chunks rounded to whole BN tiles."""
     chunk = triton.cdiv(triton.cdiv(N, chunks), bn) * bn
-    return triton.cdiv(N, chunk) * KP
+    return chunk, triton.cdiv(N, chunk)
 
 
-def _launch_config(B: int, D: int, N: int, KP: int, dtype) -> tuple[int, int, int, int]:
+def _launch_config(B: int, D: int, N: int, KP: int) -> tuple[int, int, int, int]:
     bm = 64 if B >= 64 else 16
     bn = max(64, KP)
     bk = 64 if D >= 64 else 16
@@ -81,11 +86,15 @@ def _launch_config(B: int, D: int, N: int, KP: int, dtype) -> tuple[int, int, in
     return bm, bn, bk, chunks
 
 
-def unpack_keys(keys, k: int, absolute: bool):
-    """Top-k of packed keys per row -> (values fp32, indices int32)."""
+def top_keys(keys, k: int):
+    """The k largest packed keys per row, largest first."""
+    return keys.topk(k, dim=-1).values if keys.shape[-1] > k else keys.sort(dim=-1, descending=True).values
+
+
+def unpack_keys(top, absolute: bool):
+    """Packed keys -> (values fp32, indices int32); TopK values are ReLU'd, AbsTopK's keep their sign."""
     import torch
 
-    top = keys.topk(k, dim=-1).values if keys.shape[-1] > k else keys.sort(dim=-1, descending=True).values
     high = (top >> 32).to(torch.int32)
     bits = high ^ ((high >> 31) & 0x7FFFFFFF)
     score = bits.view(torch.float32)
@@ -111,12 +120,11 @@ def encode_topk(x, w_enc, b_enc, k: int, absolute: bool = False, keys_out=None, 
     if not 1 <= k <= N:
         raise ValueError(f"k={k} must be in [1, d_sae={N}]")
     KP = next_pow2(k)
-    bm, bn, bk, chunks = _launch_config(B, D, N, KP, x.dtype)
+    bm, bn, bk, chunks = _launch_config(B, D, N, KP)
     warps, stages = 4, 2
     if config:  # (BM, BN, BK, chunks, num_warps, num_stages), for tuning runs
         bm, bn, bk, chunks, warps, stages = config
-    chunk = triton.cdiv(triton.cdiv(N, chunks), bn) * bn
-    chunks = triton.cdiv(N, chunk)
+    chunk, chunks = _chunking(N, chunks, bn)
     keys = keys_out if keys_out is not None else torch.empty(B, chunks * KP, dtype=torch.int64, device=x.device)
     grid = (triton.cdiv(B, bm), chunks)
     jump = theta is not None
@@ -124,9 +132,9 @@ def encode_topk(x, w_enc, b_enc, k: int, absolute: bool = False, keys_out=None, 
     _encode_topk_kernel[grid](x, w_enc, b_enc, theta if jump else b_enc, counts, keys, B, D, N, chunk, chunks,
                               x.stride(0), x.stride(1), w_enc.stride(0), w_enc.stride(1), keys.stride(0), keys.stride(1),
                               ABS=absolute, JUMP=jump, KP=KP, BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
+    top = top_keys(keys, k)
     if not jump:
-        return unpack_keys(keys, k, absolute)
-    top = keys.topk(k, dim=-1).values if keys.shape[-1] > k else keys
-    values, indices = unpack_keys(top, k, absolute=True)  # signed values; relu would be wrong for negative θ
+        return unpack_keys(top, absolute)
+    values, indices = unpack_keys(top, absolute=True)  # signed values; relu would be wrong for negative θ
     empty = top == INT64_MIN
     return values.masked_fill(empty, 0.0), indices.masked_fill(empty, 0), counts.sum(1)
