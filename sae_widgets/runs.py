@@ -66,6 +66,10 @@ class RunConfig:
             raise FileNotFoundError(f"no run config at {path}")
         return cls.from_dict(read_json(path))
 
+    @property
+    def torch_device(self) -> str:
+        return self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
     def sae_config(self, d_in: int, d_out: int, model_name: str) -> SAEConfig:
         extra = {"matryoshka_prefixes": self.matryoshka_prefixes} if self.matryoshka_prefixes else {}
         return SAEConfig(arch=self.arch, d_in=d_in, d_out=d_out, d_sae=self.d_sae, k=self.k, hook=self.hook,
@@ -84,7 +88,7 @@ def build_store(cfg: RunConfig, model, split: str | None = None):
     from .token_sources import EmbeddedCorpus
 
     hooks = cfg.hook if cfg.out_hook is None else (cfg.hook, cfg.out_hook)
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = cfg.torch_device
     if cfg.cache:
         return ActivationStore.from_cache(cfg.cache, batch_size=cfg.batch_size, buffer_size=cfg.buffer_size,
                                           seed=cfg.seed, device=device, show_progress=cfg.progress)
@@ -97,7 +101,7 @@ def build_run(cfg: RunConfig, callbacks=None) -> tuple[Any, Any, Trainer]:
     """(model, store, trainer) for `cfg`; the model is None when training from a disk cache."""
     from .models import load_model
 
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = cfg.torch_device
     model = None if cfg.cache else load_model(cfg.model, device=device)
     store = build_store(cfg, model)
     model_name = getattr(model, "sae_widgets_name", None) or (store.rows.describe().get("model") if cfg.cache else None)
@@ -126,5 +130,5 @@ def evaluate_run(cfg: RunConfig, sae: SAE, model=None, n_tokens: int | None = No
     eval_cfg = RunConfig.from_dict({**asdict(cfg), "progress": False, "buffer_size": max(cfg.batch_size, 8192)})
     store = build_store(eval_cfg, model, split="val" if not cfg.cache else None)
     result = evaluate(model, sae, store, n_tokens or cfg.eval_tokens)
-    write_json_atomic(Path(cfg.out) / "metrics.json", result.to_dict() if hasattr(result, "to_dict") else result.metrics)
+    write_json_atomic(Path(cfg.out) / "metrics.json", result.to_dict())
     return {"metrics": result.metrics, "table": result.table()}

@@ -240,7 +240,8 @@ class Trainer:
     def run(self, resume: bool = False) -> SAE:
         if resume:
             self.load_checkpoint()
-        torch.manual_seed(self.cfg.seed) if not resume else None
+        if not resume:
+            torch.manual_seed(self.cfg.seed)
         try:
             if not self.initialized:
                 self._initialize()
@@ -309,8 +310,9 @@ class Trainer:
         if ckpt is None or not (ckpt / "state.json").is_file():
             raise FileNotFoundError(f"no checkpoint to resume from in {self.out_dir}")
         meta = json.loads((ckpt / "state.json").read_text())
-        if meta["sae_config"] != self.sae.cfg.to_dict():
-            diff = {k: (v, self.sae.cfg.to_dict().get(k)) for k, v in meta["sae_config"].items() if self.sae.cfg.to_dict().get(k) != v}
+        now = self.sae.cfg.to_dict()
+        if meta["sae_config"] != now:
+            diff = {k: (v, now.get(k)) for k, v in meta["sae_config"].items() if now.get(k) != v}
             raise ValueError(f"checkpoint {ckpt} is for another SAE config (checkpoint, now): {diff}")
         st = unflatten_state(meta["tree"], load_file(ckpt / "state.safetensors"))
         self.sae.load_state_dict(st["sae"])

@@ -26,7 +26,7 @@ def test_train_eval_and_resume_after_sigkill(tmp_path):
     assert whole.returncode == 0, whole.stderr[-3000:]
     assert "explained_variance" in whole.stdout and "ce_loss_score" in whole.stdout
     metrics = json.loads((tmp_path / "whole" / "metrics.json").read_text())
-    assert metrics["metrics"]["l0"] == 4.0 if "metrics" in metrics else metrics["l0"] == 4.0
+    assert metrics["metrics"]["l0"] == 4.0
 
     run_dir = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "sae_widgets", "train", *SMALL, "--tokens", str(64 * steps),
