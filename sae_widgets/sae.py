@@ -220,6 +220,10 @@ class SAE(nn.Module):
             values, indices = TopKEncode.apply(x_k, w_enc, self.b_enc, self.cfg.k, self.cfg.arch == "abstopk")
         return x_c, values, indices, SparseDecode.apply(values, indices, w_dec, self.b_dec)
 
+    def _kernel_forward(self, x: torch.Tensor):
+        """`_sparse_forward(x)` where this call runs the kernels and the result fits; None means the dense path."""
+        return self._sparse_forward(x) if self.uses_triton(x) else None
+
     # ------------------------------------------------------------------------------------------ encode
     def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
         """x_n − b_dec (pre-encoder centring; transcoders skip it), in normalised units."""
@@ -269,7 +273,7 @@ class SAE(nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Latents [..., d_sae], dense with exact zeros where inactive."""
-        sparse = self._sparse_forward(x) if self.uses_triton(x) else None
+        sparse = self._kernel_forward(x)
         if sparse is not None:
             return self._densify(sparse[1], sparse[2])
         return self.select(self.pre_acts(x))
@@ -280,7 +284,7 @@ class SAE(nn.Module):
 
     def encode_sparse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, indices) [B, K]: K = k for topk/abstopk, else the batch's largest count (padded with zeros)."""
-        sparse = self._sparse_forward(x) if self.uses_triton(x) and self.cfg.arch != "jumprelu" else None
+        sparse = self._kernel_forward(x) if self.cfg.arch != "jumprelu" else None
         if sparse is not None:
             return sparse[1], sparse[2].long()
         f = self.encode(x)
@@ -305,7 +309,7 @@ class SAE(nn.Module):
         return ((values.unsqueeze(-1) * rows).sum(-2) + self.b_dec) / self.out_scale
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        sparse = self._sparse_forward(x) if self.uses_triton(x) else None
+        sparse = self._kernel_forward(x)
         if sparse is not None:
             _, values, indices, x_hat_n = sparse
             return x_hat_n / self.out_scale, self._densify(values, indices), {"x_hat_normalized": x_hat_n}
