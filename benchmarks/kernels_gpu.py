@@ -46,11 +46,11 @@ def trainer(backend, d_sae, k, batch, bf16):
 
 def measure(backend, d_sae, k, batch, bf16):
     tr, x = trainer(backend, d_sae, k, batch, bf16)
-    sae, dead = tr.sae, tr.tokens_since_fired >= 10 ** 12
+    sae, dead = tr.sae, (tr.tokens_since_fired >= 10 ** 12).nonzero().squeeze(1)
 
     def fwd():
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-            return sae.training_loss(x, dead_mask=dead)[0]
+            return sae.training_loss(x, dead_latents=dead)[0]
 
     def fwd_bwd():
         sae.zero_grad(set_to_none=True)

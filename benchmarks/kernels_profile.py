@@ -1,4 +1,5 @@
-"""Where the Triton step's time goes: each kernel and torch op of a TopK SAE step timed alone, plus encoder tilings.
+"""Where the Triton step's time goes: each kernel and torch op of a TopK SAE step timed alone, plus encoder tilings
+and a CUDA-time profile of the whole training step.
 
     python benchmarks/kernels_profile.py      # d_in 768, d_sae 32,768, k 32, batch 16,384, bf16 operands
 """
@@ -8,6 +9,8 @@ import torch
 from triton.testing import do_bench
 
 from sae_widgets.kernels import encode_topk, gather_dot, gather_sum, group_by_latent, scatter_outer
+from sae_widgets.kernels.topk_encoder import _tiles, tiles_config
+from sae_widgets.kernels.topk_merge import merge_topk
 
 B, D, N, K = 16384, 768, 32768, 32
 
@@ -26,10 +29,15 @@ def main():
     b = torch.zeros(N, device="cuda")
     wt = w.t().contiguous()
     v, i = encode_topk(x, w, b, K)
+    cfg = tiles_config(B, N, K)
+    keys, n_tiles = _tiles(x, w, b, False, cfg)
     g = torch.randn(B, D, device="cuda", dtype=torch.bfloat16)
     rows = [("torch: x @ W_enc (bf16)", t(lambda: x @ w)),
             ("torch: topk of dense z (bf16)", t(lambda: (x @ w).topk(K, dim=1))),
-            ("encode_topk (default tiling)", t(lambda: encode_topk(x, w, b, K))),
+            ("encode_topk, method='scan' (running bitonic top-k)", t(lambda: encode_topk(x, w, b, K, method="scan"))),
+            (f"encode_topk, method='tiles' (default) {cfg}", t(lambda: encode_topk(x, w, b, K))),
+            ("  tiles stage 1: matmul tiles keeping R keys per row", t(lambda: _tiles(x, w, b, False, cfg))),
+            ("  tiles stage 2: merge_topk (+ flags)", t(lambda: merge_topk(keys, K, n_tiles, cfg[3], flag_last=True))),
             ("group_by_latent (sort + bincount)", t(lambda: group_by_latent(i, N))),
             ("gather_sum (decoder fwd)", t(lambda: gather_sum(v, i, wt, None))),
             ("gather_dot (dv)", t(lambda: gather_dot(g, i, wt))),
@@ -49,14 +57,33 @@ def main():
         print(f"| {tiles} | {t(lambda: scatter_outer(v, i, g, N, tiles=tiles)):.3f} |", flush=True)
     if SCATTER_ONLY:
         return
-    print("\n| encoder tiling (BM, BN, BK, chunks, warps, stages) | ms |\n|---|---|")
-    for cfg in [(64, 64, 64, 4, 4, 2), (128, 64, 64, 4, 4, 2), (64, 128, 64, 4, 4, 2), (128, 128, 64, 4, 8, 2),
-                (128, 64, 64, 8, 8, 3), (64, 64, 128, 8, 4, 3), (64, 256, 64, 4, 8, 2), (32, 64, 64, 8, 4, 2)]:
+    print("\n| tiles encoder (BM, BN, BK, R, warps, stages) | ms |\n|---|---|")
+    for cfg in [(128, 128, 64, 5, 8, 3), (128, 128, 64, 5, 4, 3), (128, 256, 64, 6, 8, 3), (128, 256, 64, 6, 8, 4),
+                (128, 256, 32, 6, 8, 4), (64, 256, 64, 6, 4, 3), (256, 128, 64, 5, 8, 3), (128, 256, 64, 7, 8, 3)]:
         try:
             print(f"| {cfg} | {t(lambda: encode_topk(x, w, b, K, config=cfg)):.3f} |", flush=True)
         except Exception as e:  # a tiling that does not compile on this GPU
             print(f"| {cfg} | failed: {type(e).__name__} |")
 
 
+def profile_step():
+    """Self CUDA time per kernel over five Trainer.train_step calls (the benchmark's headline configuration)."""
+    from kernels_gpu import trainer
+    from torch.profiler import ProfilerActivity, profile
+
+    tr, _ = trainer("triton", N, K, B, True)
+    for _ in range(10):
+        tr.train_step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            tr.train_step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=80))
+    print(f"step ms: {t(tr.train_step):.3f}")
+
+
 if __name__ == "__main__":
     main()
+    if not SCATTER_ONLY:
+        profile_step()

@@ -8,32 +8,41 @@ from .topk_encoder import encode_topk
 
 
 class TopKEncode(torch.autograd.Function):
-    """(x_c, W_enc, b_enc) -> values [B, k]; indices are returned too and carry no gradient.
+    """(x, centre, W_enc, b_enc) -> TopK of z = (x − centre)·W_enc + b_enc as (values [B, k], indices [B, k] int32).
 
-    Backward: ∂z only at the selected latents (TopK: where the value is > 0); ∂x_c = Σ_j ∂z_j W_enc[:, idx_j],
-    ∂W_enc[:, i] = Σ over the tokens that selected i of ∂z · x_c, ∂b_enc[i] likewise: no dense B × d_sae tensor.
+    `centre` is b_dec (pre-encoder centring) or None (transcoders); `dtype` is the kernel's operand type (bf16 under
+    autocast). Backward stays sparse: ∂z only at the selected latents (TopK: where the value is > 0);
+    ∂W_enc[:, i] = Σ over the tokens that selected i of ∂z·x_c and ∂b_enc[i] likewise; ∂centre = −W_enc·∂b_enc, so the
+    B × d_in input gradient is computed only when x itself needs one.
     """
 
     @staticmethod
-    def forward(ctx, x_c, w_enc, b_enc, k: int, absolute: bool):
-        values, indices = encode_topk(x_c, w_enc, b_enc, k, absolute)
-        ctx.save_for_backward(x_c, w_enc, values, indices)
-        ctx.absolute = absolute
+    def forward(ctx, x, centre, w_enc, b_enc, k: int, absolute: bool, dtype):
+        x_c = (x if centre is None else x - centre).to(dtype)
+        w = w_enc.to(dtype)
+        values, indices = encode_topk(x_c, w, b_enc, k, absolute)
+        ctx.save_for_backward(x_c, w, values, indices)
+        ctx.absolute, ctx.w_dtype = absolute, w_enc.dtype
         ctx.mark_non_differentiable(indices)
         return values, indices
 
     @staticmethod
     def backward(ctx, g_values, _g_indices):
-        x_c, w_enc, values, indices = ctx.saved_tensors
-        n = w_enc.shape[1]
+        x_c, w, values, indices = ctx.saved_tensors
+        n = w.shape[1]
         dz = g_values.float() if ctx.absolute else g_values.float() * (values > 0)
-        grouping = group_by_latent(indices, n)
-        dx = gather_sum(dz, indices, w_enc.t().contiguous(), out_dtype=x_c.dtype) if ctx.needs_input_grad[0] else None
-        dw = scatter_outer(dz, indices, x_c, n, grouping).t().to(w_enc.dtype) if ctx.needs_input_grad[1] else None
-        db = None
-        if ctx.needs_input_grad[2]:
-            db = torch.zeros(n, dtype=torch.float32, device=dz.device).index_add_(0, indices.reshape(-1).long(), dz.reshape(-1))
-        return dx, dw, db, None, None
+        need_x, need_centre, need_w, need_b = ctx.needs_input_grad[:4]
+        dx = dcentre = dw = db = None
+        if need_x:
+            dx = gather_sum(dz, indices, w.t().contiguous(), out_dtype=torch.float32)
+        if need_w:
+            dw = scatter_outer(dz, indices, x_c, n).t().to(ctx.w_dtype)
+        if need_b or need_centre:
+            db = torch.zeros(n, dtype=torch.float32, device=dz.device).index_add_(0, indices.reshape(-1).long(),
+                                                                                   dz.reshape(-1))
+        if need_centre:
+            dcentre = -torch.mv(w, db.to(w.dtype)).float() if dx is None else -dx.sum(0)
+        return dx, dcentre, dw, db if need_b else None, None, None, None
 
 
 class SparseDecode(torch.autograd.Function):

@@ -206,18 +206,21 @@ class SAE(nn.Module):
         from sae_widgets.kernels import SparseDecode, TopKEncode
 
         x_c = self.encoder_input(x)
-        w_enc, w_dec, x_k = self.W_enc, self.W_dec, x_c
+        w_dec, dtype = self.W_dec, self.W_enc.dtype
         if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):  # kernels see bf16 operands, fp32 accumulation
-            x_k, w_enc, w_dec = x_c.to(torch.bfloat16), w_enc.to(torch.bfloat16), w_dec.to(torch.bfloat16)
+            w_dec, dtype = w_dec.to(torch.bfloat16), torch.bfloat16
         if self.cfg.arch == "jumprelu":  # inference only (no autograd): the active latents in sparse form
             from sae_widgets.kernels import encode_topk
 
-            values, indices, counts = encode_topk(x_k, w_enc, self.b_enc, self.cfg.jumprelu_max_active,
-                                                  theta=self.threshold_theta)
+            values, indices, counts = encode_topk(x_c.to(dtype), self.W_enc.to(dtype), self.b_enc,
+                                                  self.cfg.jumprelu_max_active, theta=self.threshold_theta)
             if int(counts.max()) > self.cfg.jumprelu_max_active:
                 return None  # a row has more active latents than the sparse form holds: use the exact dense path
-        else:
-            values, indices = TopKEncode.apply(x_k, w_enc, self.b_enc, self.cfg.k, self.cfg.arch == "abstopk")
+        else:  # x_n and the centre go in separately: the backward then never needs a B × d_in input gradient
+            x_n = x.to(self.W_enc.dtype) * self.in_scale
+            centre = None if self.cfg.is_transcoder else self.b_dec
+            values, indices = TopKEncode.apply(x_n, centre, self.W_enc, self.b_enc, self.cfg.k,
+                                               self.cfg.arch == "abstopk", dtype)
         return x_c, values, indices, SparseDecode.apply(values, indices, w_dec, self.b_dec)
 
     def _kernel_forward(self, x: torch.Tensor):
@@ -324,8 +327,11 @@ class SAE(nn.Module):
         return self.cfg.sparsity_coeff * (min(1.0, (step + 1) / w) if w > 0 else 1.0)
 
     def training_loss(self, x: torch.Tensor, y: torch.Tensor | None = None, *, step: int = 0,
-                      dead_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The architecture's loss (mean over tokens of squared-error sums) and its parts, for the trainer."""
+                      dead_latents: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The architecture's loss (mean over tokens of squared-error sums) and its parts, for the trainer.
+
+        `dead_latents` (indices) switch on the aux-k loss for the TopK family; nothing here waits for the GPU.
+        """
         y = x if y is None else y
         self._check_width(y, self.cfg.d_out, "target")
         y_n = y.to(self.W_dec.dtype) * self.out_scale
@@ -333,8 +339,8 @@ class SAE(nn.Module):
         if arch in TRITON_ARCHS and self.uses_triton(x):  # topk / abstopk through the kernels: sparse all the way
             x_c, values, indices, x_hat_n = self._sparse_forward(x)
             active = values != 0
-            fired = torch.zeros(cfg.d_sae, dtype=torch.bool, device=x.device)
-            fired[indices[active].long()] = True
+            fired = torch.zeros(cfg.d_sae, device=x.device).index_add_(0, indices.reshape(-1).long(),
+                                                                       active.reshape(-1).float()) > 0
             l0 = active.float().sum(-1).mean()
         else:
             x_c = self.encoder_input(x)
@@ -357,21 +363,20 @@ class SAE(nn.Module):
             l0 = _Step.apply(z, self.threshold_theta, cfg.jumprelu_bandwidth).sum(-1).mean()
             loss = loss + self.sparsity_coeff_at(step) * l0
             parts["l0_penalty"] = l0.detach()
-        if arch in TOPK_FAMILY and dead_mask is not None and bool(dead_mask.any()):
-            aux = self.aux_k_loss(x_c, dead_mask, (y_n - x_hat_n).detach())
+        if arch in TOPK_FAMILY and dead_latents is not None and dead_latents.numel():
+            aux = self.aux_k_loss(x_c, dead_latents, (y_n - x_hat_n).detach())
             loss = loss + cfg.aux_coeff * aux
             parts["aux_k"] = aux.detach()
         parts["loss"] = loss.detach()
         parts["_fired"] = fired
         return loss, parts
 
-    def aux_k_loss(self, x_c: torch.Tensor, dead_mask: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    def aux_k_loss(self, x_c: torch.Tensor, dead: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """Reconstruct the residual e = y − ŷ from the top `aux_k` dead latents (Gao et al. 2024, §A.2).
 
         Only the dead latents' pre-activations are computed (a product over the dead columns), so neither
         backend needs the dense B × d_sae matrix for it.
         """
-        dead = dead_mask.nonzero().squeeze(1)
         z = x_c @ self.W_enc[:, dead] + self.b_enc[dead]
         abs_select = self.cfg.arch == "abstopk"
         local = (z.abs() if abs_select else z).topk(min(self.cfg.aux_k, len(dead)), dim=-1).indices

@@ -162,6 +162,7 @@ class Trainer:
         self.initialized = False
         self.history: list[dict[str, float]] = []
         self._stop = False
+        self._pending_check = None  # (finite, loss, grad norm, step, tokens) of the last step, checked at the next sync
         self._last_checkpoint: Path | None = None
         self.out_dir = Path(cfg.out_dir) if cfg.out_dir else None
 
@@ -206,25 +207,33 @@ class Trainer:
 
     # -- one step
     def train_step(self) -> dict[str, torch.Tensor]:
-        """One optimiser step; returns the step's metrics as tensors (converted only when logged: no GPU stalls)."""
+        """One optimiser step; returns the step's metrics as tensors (converted only when logged).
+
+        The step waits for the GPU once, at its start, to list the dead latents (the aux-k loss needs their count).
+        A non-finite loss or gradient never reaches the weights: on CUDA, fused Adam skips that update on the device
+        and the next sync raises TrainingDiverged; elsewhere the check runs before the update.
+        """
+        dead = (self.tokens_since_fired >= self.cfg.dead_window_tokens).nonzero().squeeze(1)
+        self.raise_if_diverged()
         x, y = self._next()
-        dead = self.tokens_since_fired >= self.cfg.dead_window_tokens
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cfg.autocast_bf16 and self.device.type == "cuda"):
-            loss, parts = self.sae.training_loss(x, y, step=self.step, dead_mask=dead)
+            loss, parts = self.sae.training_loss(x, y, step=self.step, dead_latents=dead)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.sae.remove_parallel_grad()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.cfg.grad_clip)
-        if not bool(torch.isfinite(loss + grad_norm)):  # the step's one host sync: never apply a non-finite update
-            what = f"loss became {loss.item()}" if not torch.isfinite(loss) else f"gradient norm became {grad_norm.item()}"
-            raise TrainingDiverged(f"{what} at step {self.step} (tokens {self.tokens:,}); "
-                                   f"last good checkpoint: {self._last_checkpoint or 'none written'}")
+        finite = torch.isfinite(loss + grad_norm)
+        self._pending_check = (finite, loss.detach(), grad_norm.detach(), self.step, self.tokens)
+        if self.opt.defaults.get("fused"):
+            self.opt.found_inf = (~finite).float()  # fused Adam: no update (and no step count) when set
+        else:
+            self.raise_if_diverged()
         self.opt.step()
         self.sched.step()
         self.sae.normalize_decoder()
         fired = parts.pop("_fired")
         self.tokens_since_fired += len(x)
-        self.tokens_since_fired[fired] = 0
+        self.tokens_since_fired.masked_fill_(fired, 0)
         self.step += 1
         self.tokens += len(x)
         target = (y if y is not None else x).float() * self.sae.out_scale
@@ -235,6 +244,17 @@ class Trainer:
         metrics["dead_fraction"] = (self.tokens_since_fired >= self.cfg.dead_window_tokens).float().mean()
         metrics["grad_norm"] = grad_norm
         return metrics
+
+    def raise_if_diverged(self) -> None:
+        """Raise TrainingDiverged if the last step's loss or gradient norm was not finite (its update was not applied)."""
+        if self._pending_check is None:
+            return
+        finite, loss, grad_norm, step, tokens = self._pending_check
+        self._pending_check = None
+        if not bool(finite):
+            what = f"loss became {loss.item()}" if not torch.isfinite(loss) else f"gradient norm became {grad_norm.item()}"
+            raise TrainingDiverged(f"{what} at step {step} (tokens {tokens:,}); "
+                                   f"last good checkpoint: {self._last_checkpoint or 'none written'}")
 
     # -- the loop
     def run(self, resume: bool = False) -> SAE:
@@ -260,6 +280,7 @@ class Trainer:
         except BaseException as e:  # KeyboardInterrupt too: report, keep the last good checkpoint, re-raise
             self._emit(self._event("failed", error=e))
             raise
+        self.raise_if_diverged()
         self.sae.eval()
         if self.out_dir is not None:
             self.save_checkpoint()
@@ -284,6 +305,7 @@ class Trainer:
         return st
 
     def save_checkpoint(self) -> Path:
+        self.raise_if_diverged()  # a checkpoint is only ever written from good weights
         if self.out_dir is None:
             raise ValueError("TrainConfig.out_dir is not set: nowhere to write checkpoints")
         root = self.out_dir / CHECKPOINTS

@@ -18,7 +18,7 @@ B, D, N = 21, 24, 150  # none a multiple of the block sizes
 def test_fused_encoder_topk_matches_reference_and_writes_every_candidate(absolute, k):
     g = torch.Generator().manual_seed(k + 10 * absolute)
     x, w, b = torch.randn(B, D, generator=g), torch.randn(D, N, generator=g), torch.randn(N, generator=g)
-    poison = torch.full((B, candidate_width(B, D, N, k)), 2 ** 62, dtype=torch.int64)  # would win every top-k
+    poison = torch.full((B, candidate_width(B, N, k)), 2 ** 62, dtype=torch.int64)  # would win every top-k
     v, i = encode_topk(x, w, b, k, absolute, keys_out=poison)
     rv, ri = ref.encode_topk_reference(x, w, b, k, absolute)
     assert i.dtype == torch.int32 and torch.equal(i.long(), ri)
@@ -74,25 +74,31 @@ def test_sparse_decoder_kernels_match_references(dtype):
 
 
 @pytest.mark.parametrize("absolute", [False, True])
-def test_autograd_functions_match_dense_float64_gradients(absolute):
+@pytest.mark.parametrize("x_grad", [False, True])
+def test_autograd_functions_match_dense_float64_gradients(absolute, x_grad):
+    """b_dec both centres the encoder input and biases the decoder, as in the SAE. Without an input gradient, its
+    encoder part comes from −W_enc·∂b_enc instead of a B × d_in gradient: both ways must match float64 autograd."""
     g = torch.Generator().manual_seed(2)
     k = 4
-    x = torch.randn(B, D, generator=g, requires_grad=True)
+    x = torch.randn(B, D, generator=g, requires_grad=x_grad)
     w_enc = torch.randn(D, N, generator=g, requires_grad=True)
     b_enc = torch.randn(N, generator=g, requires_grad=True)
     w_dec = torch.randn(N, D, generator=g, requires_grad=True)
     b_dec = torch.randn(D, generator=g, requires_grad=True)
     target = torch.randn(B, D, generator=g)
-    v, i = TopKEncode.apply(x, w_enc, b_enc, k, absolute)
+    v, i = TopKEncode.apply(x, b_dec, w_enc, b_enc, k, absolute, torch.float32)
     loss = ((SparseDecode.apply(v, i, w_dec, b_dec) - target) ** 2).sum()
     loss.backward()
-    leaves = [t.detach().double().requires_grad_() for t in (x, w_enc, b_enc, w_dec, b_dec)]
-    z = leaves[0] @ leaves[1] + leaves[2]
+    ours = (x, w_enc, b_enc, w_dec, b_dec)
+    leaves = [t.detach().double().requires_grad_(t.requires_grad) for t in ours]
+    z = (leaves[0] - leaves[4]) @ leaves[1] + leaves[2]
     f = torch.zeros_like(z).scatter(1, i.long(), z.gather(1, i.long()))
     f = f if absolute else torch.relu(f)
     ((f @ leaves[3] + leaves[4] - target.double()) ** 2).sum().backward()
-    for ours, theirs in zip((x, w_enc, b_enc, w_dec, b_dec), leaves):
-        torch.testing.assert_close(ours.grad.double(), theirs.grad, rtol=1e-4, atol=1e-4)
+    for mine, theirs in zip(ours, leaves):
+        assert (mine.grad is None) == (not mine.requires_grad)
+        if mine.requires_grad:
+            torch.testing.assert_close(mine.grad.double(), theirs.grad, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("arch", ["topk", "abstopk"])
@@ -104,11 +110,10 @@ def test_sae_triton_backend_equals_torch_backend(arch):
     x = torch.randn(B, D) * 3
     fast.initialize(x)
     slow.initialize(x)
-    dead = torch.zeros(N, dtype=torch.bool)
-    dead[::3] = True  # the aux-k loss takes part
+    dead = torch.arange(0, N, 3)  # the aux-k loss takes part
     losses = []
     for sae in (fast, slow):
-        loss, parts = sae.training_loss(x, dead_mask=dead)
+        loss, parts = sae.training_loss(x, dead_latents=dead)
         loss.backward()
         losses.append((loss, parts))
     torch.testing.assert_close(losses[0][0], losses[1][0], rtol=1e-5, atol=1e-5)

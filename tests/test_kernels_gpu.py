@@ -29,7 +29,7 @@ def test_encode_topk_gpu(shape, dtype, k, absolute):
     x = torch.randn(B, D, device="cuda").to(dtype)
     w = (torch.randn(D, N, device="cuda") / D ** 0.5).to(dtype)
     b = torch.randn(N, device="cuda") * 0.1
-    keys = torch.full((B, candidate_width(B, D, N, k)), 2 ** 62, dtype=torch.int64, device="cuda")
+    keys = torch.full((B, candidate_width(B, N, k)), 2 ** 62, dtype=torch.int64, device="cuda")
     v, i = encode_topk(x, w, b, k, absolute, keys_out=keys)
     assert (keys != 2 ** 62).all(), "an output slot was never written"
     z = x.double() @ w.double() + b.double()
@@ -69,11 +69,12 @@ def test_autograd_gpu_matches_dense_reference(dtype):
     leaves = [torch.randn(B, D, device="cuda"), torch.randn(D, N, device="cuda") / 16, torch.randn(N, device="cuda") * 0.1,
               torch.randn(N, D, device="cuda") / 16, torch.randn(D, device="cuda")]
     target = torch.randn(B, D, device="cuda")
-    ours = [t.clone().requires_grad_() for t in leaves]
-    v, i = TopKEncode.apply(ours[0].to(dtype), ours[1].to(dtype), ours[2], k, False)
+    ours = [t.clone().requires_grad_() for t in leaves]  # x too: its gradient and b_dec's centring one both go through
+    v, i = TopKEncode.apply(ours[0], ours[4], ours[1], ours[2], k, False, dtype)
     ((SparseDecode.apply(v, i, ours[3].to(dtype), ours[4]) - target) ** 2).sum().backward()
     theirs = [t.double().requires_grad_() for t in leaves]
-    xs = theirs[0].to(dtype).double() if dtype != torch.float32 else theirs[0]
+    xs = theirs[0] - theirs[4]
+    xs = xs + (xs.to(dtype).double() - xs).detach()  # the kernel's operand rounding, with an identity gradient
     z = xs @ (theirs[1].to(dtype).double() if dtype != torch.float32 else theirs[1]) + theirs[2]
     f = torch.zeros_like(z).scatter(1, i.long(), z.gather(1, i.long())).relu()
     wd = theirs[3].to(dtype).double() if dtype != torch.float32 else theirs[3]
@@ -109,7 +110,7 @@ def test_jumprelu_variant_gpu(dtype, k_max):
     w = (torch.randn(D, N, device="cuda") / D ** 0.5).to(dtype)
     b = torch.randn(N, device="cuda") * 0.1
     theta = torch.rand(N, device="cuda") + 2.2  # about 10-30 active latents per row
-    keys = torch.full((B, candidate_width(B, D, N, k_max)), 2 ** 62, dtype=torch.int64, device="cuda")
+    keys = torch.full((B, candidate_width(B, N, k_max, jumprelu=True)), 2 ** 62, dtype=torch.int64, device="cuda")
     v, i, counts = encode_topk(x, w, b, k_max, theta=theta, keys_out=keys)
     assert (keys != 2 ** 62).all(), "an output slot was never written"
     z = x.double() @ w.double() + b.double()
