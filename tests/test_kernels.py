@@ -7,23 +7,58 @@ import torch
 
 from sae_widgets.kernels import SparseDecode, TopKEncode, encode_topk, gather_dot, gather_sum, scatter_outer
 from sae_widgets.kernels import reference as ref
-from sae_widgets.kernels.topk_encoder import candidate_width
+from sae_widgets.kernels.topk_encoder import _tiles, candidate_width
+from sae_widgets.kernels.topk_merge import merge_topk
 from sae_widgets.sae import SAE, SAEConfig
 
 B, D, N = 21, 24, 150  # none a multiple of the block sizes
 
 
+@pytest.mark.parametrize("method", ["tiles", "scan"])
 @pytest.mark.parametrize("absolute", [False, True])
 @pytest.mark.parametrize("k", [1, 5])
-def test_fused_encoder_topk_matches_reference_and_writes_every_candidate(absolute, k):
+def test_fused_encoder_topk_matches_reference_and_writes_every_candidate(absolute, k, method):
     g = torch.Generator().manual_seed(k + 10 * absolute)
     x, w, b = torch.randn(B, D, generator=g), torch.randn(D, N, generator=g), torch.randn(N, generator=g)
-    poison = torch.full((B, candidate_width(B, N, k)), 2 ** 62, dtype=torch.int64)  # would win every top-k
-    v, i = encode_topk(x, w, b, k, absolute, keys_out=poison)
+    poison = torch.full((B, candidate_width(B, N, k, method)), 2 ** 62, dtype=torch.int64)  # would win every top-k
+    v, i = encode_topk(x, w, b, k, absolute, keys_out=poison, method=method)
     rv, ri = ref.encode_topk_reference(x, w, b, k, absolute)
     assert i.dtype == torch.int32 and torch.equal(i.long(), ri)
     torch.testing.assert_close(v, rv, rtol=1e-5, atol=1e-5)
     assert (poison != 2 ** 62).all(), "an output slot was never written"
+
+
+@pytest.mark.parametrize("absolute", [False, True])
+def test_tiles_flags_exactly_the_rows_whose_top_k_crowd_one_tile_and_recomputes_them(absolute):
+    """With 32-wide tiles keeping R = 3 keys each, any row with three of its top 5 in one tile must be flagged (and only
+    those), and the answer for every row, flagged or not, must equal the reference."""
+    g = torch.Generator().manual_seed(5 + absolute)
+    k, cfg = 5, (16, 32, 16, 3, 4, 2)  # (BM, BN, BK, R, warps, stages)
+    x, w, b = torch.randn(B, D, generator=g), torch.randn(D, N, generator=g), torch.randn(N, generator=g)
+    keys, n_tiles = _tiles(x, w, b, absolute, cfg)
+    _, flagged = merge_topk(keys, k, n_tiles, cfg[3], flag_last=True)
+    rv, ri = ref.encode_topk_reference(x, w, b, k, absolute)
+    per_tile = torch.zeros(B, n_tiles, dtype=torch.long).scatter_add_(1, ri // cfg[1], torch.ones_like(ri))
+    crowded = (per_tile >= cfg[3]).any(1)
+    assert 0 < int(crowded.sum()) < B, "the data should give both kinds of rows"
+    assert torch.equal(flagged.bool(), crowded)
+    v, i = encode_topk(x, w, b, k, absolute, config=cfg)
+    assert torch.equal(i.long(), ri)
+    torch.testing.assert_close(v, rv, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows, groups, per_group, k", [(5, 7, 3, 4), (9, 3, 5, 5), (4, 40, 2, 3), (3, 2, 4, 8)])
+def test_merge_topk_equals_torch_topk_and_merges_only_the_rows_asked(rows, groups, per_group, k):
+    g = torch.Generator().manual_seed(rows * groups)
+    keys = torch.randint(-2 ** 40, 2 ** 40, (rows, groups, per_group), generator=g)
+    keys = keys.sort(-1, descending=True).values.reshape(rows, -1).contiguous()  # each group largest first
+    top, flags = merge_topk(keys, k, groups, per_group, flag_last=True)
+    want = keys.topk(k, dim=1)
+    assert torch.equal(top, want.values)
+    assert torch.equal(flags.bool(), (want.indices % per_group == per_group - 1).any(1))  # a group's last key chosen
+    only = (torch.arange(rows) % 2 == 0).int()
+    some, _ = merge_topk(keys, k, groups, per_group, only_rows=only)
+    assert torch.equal(some[only.bool()], want.values[only.bool()])
 
 
 def test_fp16_inputs_select_the_reference_values():
@@ -133,7 +168,7 @@ def test_running_topk_over_many_tiles_in_one_program(absolute, k):
     x, w, b = torch.randn(B, D, generator=g), torch.randn(D, 1000, generator=g), torch.randn(1000, generator=g)
     w[:, 900] = w[:, 100]  # an exact tie far apart: the earlier index must win
     b[900] = b[100]
-    v, i = encode_topk(x, w, b, k, absolute, config=(16, 64, 16, 1, 4, 2))
+    v, i = encode_topk(x, w, b, k, absolute, config=(16, 64, 16, 1, 4, 2), method="scan")
     rv, ri = ref.encode_topk_reference(x, w, b, k, absolute)
     assert torch.equal(i.long(), ri)
     torch.testing.assert_close(v, rv, rtol=1e-5, atol=1e-5)

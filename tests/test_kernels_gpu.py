@@ -24,13 +24,14 @@ def rel(a, b):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("k", [1, 32, 128])
 @pytest.mark.parametrize("absolute", [False, True])
-def test_encode_topk_gpu(shape, dtype, k, absolute):
+@pytest.mark.parametrize("method", ["tiles", "scan"])
+def test_encode_topk_gpu(shape, dtype, k, absolute, method):
     B, D, N = shape
     x = torch.randn(B, D, device="cuda").to(dtype)
     w = (torch.randn(D, N, device="cuda") / D ** 0.5).to(dtype)
     b = torch.randn(N, device="cuda") * 0.1
-    keys = torch.full((B, candidate_width(B, N, k)), 2 ** 62, dtype=torch.int64, device="cuda")
-    v, i = encode_topk(x, w, b, k, absolute, keys_out=keys)
+    keys = torch.full((B, candidate_width(B, N, k, method)), 2 ** 62, dtype=torch.int64, device="cuda")
+    v, i = encode_topk(x, w, b, k, absolute, keys_out=keys, method=method)
     assert (keys != 2 ** 62).all(), "an output slot was never written"
     z = x.double() @ w.double() + b.double()
     score = z.abs() if absolute else z
