@@ -14,6 +14,10 @@ _EXPORTS = {
     "SAE": "sae", "SAEConfig": "sae", "Trainer": "train", "TrainConfig": "train", "TrainEvent": "train",
     "save_sae": "persistence", "load_sae": "persistence", "evaluate": "metrics",
     "SyntheticActivations": "synthetic", "recovery": "synthetic", "RunConfig": "runs", "train_run": "runs",
+    "FeatureStats": "feature_stats",
+    "TokenHighlighter": "widgets", "FeatureDashboard": "widgets", "FeatureBrowser": "widgets", "PromptExplorer": "widgets",
+    "LatentEdit": "steering", "DirectionEdit": "steering", "diff_in_means": "steering", "generate": "generation",
+    "steer": "steering_report",
 }
 __all__ = ["__version__", *_EXPORTS]
 

@@ -26,10 +26,26 @@ ensure_env() {
     echo "$want" > "$stamp"
 }
 
+# The widget tests drive Debian's chromium (never a browser build downloaded by playwright). Installed once,
+# quietly; a machine where it cannot be installed still runs the rest of the suite.
+ensure_chromium() {
+    command -v chromium >/dev/null 2>&1 && return 0
+    local log; log="$(mktemp)"
+    echo "[sae_widgets] installing Debian's chromium for the browser tests" >&2
+    if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1 \
+        && { DEBIAN_FRONTEND=noninteractive apt-get update -qq \
+             && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core; } >"$log" 2>&1; then
+        rm -f "$log"
+    else
+        echo "[sae_widgets] could not install chromium (needs root and apt-get); the browser tests will fail:" >&2
+        tail -n 20 "$log" >&2; rm -f "$log"
+    fi
+}
+
 cmd="${1:-}"; shift || true
 case "$cmd" in
     quickstart) ensure_env; exec "$PY" -m sae_widgets quickstart "$@" ;;
-    test)       ensure_env; exec "$PY" -m pytest "$@" ;;
+    test)       ensure_env; ensure_chromium; exec "$PY" -m pytest "$@" ;;
     env)        ensure_env ;;
     *) echo "usage: scripts/run.sh {quickstart [--headless] [--out DIR] | test [pytest args] | env}" >&2; exit 2 ;;
 esac
