@@ -214,6 +214,40 @@ class RequestLog:
         return [u for u in self.urls if not is_local_url(u)]
 
 
+def open_notebook(browser, server: "LabServer", name: str):
+    """(context, page, request log): the notebook open in JupyterLab with its kernel idle, ready to run cells."""
+    context = browser.new_context(viewport={"width": 1300, "height": 1000})
+    log = RequestLog()
+    log.attach(context)
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    page.goto(server.notebook_url(name))
+    page.wait_for_function("window.jupyterapp && window.jupyterapp.shell.currentWidget"
+                           " && window.jupyterapp.shell.currentWidget.sessionContext", timeout=60_000)
+    page.evaluate("""async () => {
+        const ctx = window.jupyterapp.shell.currentWidget.sessionContext;
+        await ctx.ready;
+        while (!ctx.session || !ctx.session.kernel || ctx.session.kernel.status !== "idle")
+            await new Promise((r) => setTimeout(r, 100)); }""")
+    return context, page, log
+
+
+RECORD_CELL = """import json, os
+from pathlib import Path
+STATE = Path("state")
+STATE.mkdir(exist_ok=True)
+
+def record(widget, name, trait):
+    \"\"\"Write widget.trait to state/name.trait.json on every change (the test reads it from outside).\"\"\"
+    def write(change=None):
+        p = STATE / f"{name}.{trait}.json"
+        p.with_suffix(".tmp").write_text(json.dumps(getattr(widget, trait)))
+        os.replace(p.with_suffix(".tmp"), p)
+    widget.observe(write, trait)
+    write()
+"""
+
+
 def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=1))
 
@@ -228,22 +262,11 @@ def widget_notebook(tests_dir: Path, *, prompt: str = "Call me Ishmael.") -> dic
     import nbformat
 
     cells = [
-        f"""import json, os, sys
-from pathlib import Path
+        RECORD_CELL,
+        f"""import sys
 sys.path.insert(0, {str(tests_dir)!r})
 from browser_harness import HIGHLIGHT_TOKENS, StandInStats
-from sae_widgets.widgets import FeatureBrowser, FeatureDashboard, TokenHighlighter
-STATE = Path("state")
-STATE.mkdir(exist_ok=True)
-
-def record(widget, name, trait):
-    \"\"\"Write widget.trait to state/name.trait.json on every change (the test reads it from outside).\"\"\"
-    def write(change=None):
-        p = STATE / f"{{name}}.{{trait}}.json"
-        p.with_suffix(".tmp").write_text(json.dumps(getattr(widget, trait)))
-        os.replace(p.with_suffix(".tmp"), p)
-    widget.observe(write, trait)
-    write()""",
+from sae_widgets.widgets import FeatureBrowser, FeatureDashboard, TokenHighlighter""",
         """acts = [[(7, 2.5), (3, 1.0)], [(2, -1.5)], [(9, 0.75), (1, 0.5)], [], [(4, 3.0)]] + [
     [(i % 5, round(0.3 * i - 1.2, 2))] for i in range(len(HIGHLIGHT_TOKENS) - 5)]
 hl = TokenHighlighter(HIGHLIGHT_TOKENS, acts)

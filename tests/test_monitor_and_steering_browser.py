@@ -14,7 +14,7 @@ import nbformat
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from browser_harness import CHROMIUM_ARGS, LabServer, RequestLog, chromium_path  # noqa: E402
+from browser_harness import CHROMIUM_ARGS, RECORD_CELL, LabServer, chromium_path, open_notebook  # noqa: E402
 
 from sae_widgets.widgets._common import display_token  # noqa: E402
 
@@ -22,18 +22,7 @@ TESTS = Path(__file__).parent
 ARTIFACTS = TESTS.parent / "test-artifacts" / "monitor_steering_browser"
 
 CELLS = [
-    """import json, os
-from pathlib import Path
-STATE = Path("state")
-STATE.mkdir(exist_ok=True)
-
-def record(widget, name, trait):
-    def write(change=None):
-        p = STATE / f"{name}.{trait}.json"
-        p.with_suffix(".tmp").write_text(json.dumps(getattr(widget, trait)))
-        os.replace(p.with_suffix(".tmp"), p)
-    widget.observe(write, trait)
-    write()""",
+    RECORD_CELL,
     """import torch
 from sae_widgets.models import load_model
 from sae_widgets.sae import SAE, SAEConfig
@@ -97,19 +86,7 @@ def lab(tmp_path_factory, browser):
     server = LabServer(root, log_path=ARTIFACTS / "jupyter-lab.log")
     try:
         server.wait_ready()
-        context = browser.new_context(viewport={"width": 1300, "height": 1000})
-        log = RequestLog()
-        log.attach(context)
-        page = context.new_page()
-        page.set_default_timeout(30_000)
-        page.goto(server.notebook_url("monitor_steering.ipynb"))
-        page.wait_for_function("window.jupyterapp && window.jupyterapp.shell.currentWidget"
-                               " && window.jupyterapp.shell.currentWidget.sessionContext", timeout=60_000)
-        page.evaluate("""async () => {
-            const ctx = window.jupyterapp.shell.currentWidget.sessionContext;
-            await ctx.ready;
-            while (!ctx.session || !ctx.session.kernel || ctx.session.kernel.status !== "idle")
-                await new Promise((r) => setTimeout(r, 100)); }""")
+        context, page, log = open_notebook(browser, server, "monitor_steering.ipynb")
         page.evaluate("async () => { await window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
         page.wait_for_function("document.querySelectorAll('.sae-root.sae-steer, .sae-root.sae-monitor').length >= 2",
                                timeout=180_000)

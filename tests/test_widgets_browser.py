@@ -21,7 +21,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from browser_harness import (  # noqa: E402
     CHROMIUM_ARGS, HIGHLIGHT_TOKENS, XSS_TOKENS, LabServer, RequestLog, StandInStats, brute_force_page, chromium_path,
-    isolated_jupyter_env, widget_notebook,
+    isolated_jupyter_env, open_notebook, widget_notebook,
 )
 
 from sae_widgets.widgets._common import display_token  # noqa: E402
@@ -123,19 +123,7 @@ def lab(tmp_path_factory, browser, export_dir):
     server = LabServer(root, log_path=ARTIFACTS / "jupyter-lab.log")
     try:
         server.wait_ready()
-        context = browser.new_context(viewport={"width": 1300, "height": 1000})
-        log = RequestLog()
-        log.attach(context)
-        page = context.new_page()
-        page.set_default_timeout(30_000)
-        page.goto(server.notebook_url("widgets.ipynb"))
-        page.wait_for_function("window.jupyterapp && window.jupyterapp.shell.currentWidget"
-                               " && window.jupyterapp.shell.currentWidget.sessionContext", timeout=60_000)
-        page.evaluate("""async () => {
-            const ctx = window.jupyterapp.shell.currentWidget.sessionContext;
-            await ctx.ready;
-            while (!ctx.session || !ctx.session.kernel || ctx.session.kernel.status !== "idle")
-                await new Promise((r) => setTimeout(r, 100)); }""")
+        context, page, log = open_notebook(browser, server, "widgets.ipynb")
         session = LabSession(page, server, log, root)
         session.timings["lab and kernel ready"] = time.monotonic() - t0
         page.evaluate("async () => { await window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
