@@ -27,6 +27,7 @@ def __getattr__(name):
 
     where = {"encode_topk": "topk_encoder", "gather_sum": "sparse_ops", "gather_dot": "sparse_ops",
              "scatter_outer": "sparse_ops", "group_by_latent": "sparse_ops", "TopKEncode": "autograd",
+             "LatentGrouping": "autograd",
              "SparseDecode": "autograd"}
     if name in where:
         return getattr(import_module(f".{where[name]}", __name__), name)

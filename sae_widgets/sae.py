@@ -203,7 +203,7 @@ class SAE(nn.Module):
 
     def _sparse_forward(self, x: torch.Tensor):
         """The Triton path: (x_c, values, indices, x̂ normalised) with no dense B × d_sae tensor."""
-        from sae_widgets.kernels import SparseDecode, TopKEncode
+        from sae_widgets.kernels import LatentGrouping, SparseDecode, TopKEncode
 
         x_c = self.encoder_input(x)
         w_dec, dtype = self.W_dec, self.W_enc.dtype
@@ -219,8 +219,10 @@ class SAE(nn.Module):
         else:  # x_n and the centre go in separately: the backward then never needs a B × d_in input gradient
             x_n = x.to(self.W_enc.dtype) * self.in_scale
             centre = None if self.cfg.is_transcoder else self.b_dec
+            grouping = LatentGrouping(self.cfg.d_sae)  # one sort of the indices serves both backward passes
             values, indices = TopKEncode.apply(x_n, centre, self.W_enc, self.b_enc, self.cfg.k,
-                                               self.cfg.arch == "abstopk", dtype)
+                                               self.cfg.arch == "abstopk", dtype, grouping)
+            return x_c, values, indices, SparseDecode.apply(values, indices, w_dec, self.b_dec, grouping)
         return x_c, values, indices, SparseDecode.apply(values, indices, w_dec, self.b_dec)
 
     def _kernel_forward(self, x: torch.Tensor):
