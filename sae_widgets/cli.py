@@ -262,6 +262,19 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_course(args: argparse.Namespace) -> int:
+    """Build the student and instructor copies of the course notebooks."""
+    from .course import build_course
+
+    try:
+        counts = build_course(args.src, args.out)
+    except (ValueError, OSError) as e:
+        raise UsageError(str(e)) from e
+    print(f"{counts['notebooks']} notebooks, {counts['solution_cells']} exercises, {counts['check_cells']} check cells")
+    print(f"student: {counts['student']}\ninstructor: {counts['instructor']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sae-widgets", description="Sparse autoencoders on transformer_lens "
                                      "models, in JupyterLab.")
@@ -313,6 +326,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cache", default=None, help="evaluate on a disk cache instead of the held-out corpus split")
     e.add_argument("--device", default=None)
 
+    co = sub.add_parser("course", help="build the course: student and instructor copies of the notebooks")
+    co_sub = co.add_subparsers(dest="course_command", required=True, metavar="ACTION")
+    cb = co_sub.add_parser("build", help="write OUT/student/ (exercises stubbed) and OUT/instructor/ (all sources)",
+                           description="Copy every notebook of --src twice, outputs cleared: OUT/instructor/ as "
+                           "written, OUT/student/ with each cell tagged 'solution' replaced by its '# EXERCISE:' "
+                           "line and a NotImplementedError naming the task. Both folders are replaced as a whole.")
+    cb.add_argument("--src", default=None, help="folder of notebooks (default: the notebooks shipped in the package)")
+    cb.add_argument("--out", required=True, help="output folder")
+
     # Later subcommands: add their parser here and a cmd_* function above.
     return parser
 
@@ -325,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_quickstart(args, extra)
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        commands = {"hooks": cmd_hooks, "info": cmd_info, "cache": cmd_cache, "train": cmd_train, "eval": cmd_eval}
+        commands = {"hooks": cmd_hooks, "info": cmd_info, "cache": cmd_cache, "train": cmd_train, "eval": cmd_eval,
+                    "course": cmd_course}
         return commands[args.command](args)
     except UsageError as e:
         print(f"sae-widgets {args.command}: error: {e}", file=sys.stderr)
