@@ -305,6 +305,12 @@ function onCommit(input, commit) {
   });
 }
 
+// Set traits and send them to Python in one message.
+function setTraits(model, changes) {
+  for (const [k, v] of Object.entries(changes)) model.set(k, v);
+  model.save_changes();
+}
+
 // model.on(...) for several events; returns the function that removes them all.
 function listen(model, handlers) {
   for (const [ev, fn] of Object.entries(handlers)) model.on(ev, fn);

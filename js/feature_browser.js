@@ -9,10 +9,7 @@ const COLUMNS = [
 function render({ model, el }) {
   hideStaticCopy(model);
   const root = widgetRoot("sae-browser");
-  const set = (changes) => {
-    for (const [k, v] of Object.entries(changes)) model.set(k, v);
-    model.save_changes();
-  };
+  const set = (changes) => setTraits(model, changes);
 
   const search = h("input", { class: "sae-search", type: "search", placeholder: "search top tokens\u2026",
     "aria-label": "search top tokens" });

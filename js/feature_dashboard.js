@@ -10,8 +10,7 @@ function render({ model, el }) {
     const d = model.get("d_sae");
     const v = Math.min(d - 1, Math.max(0, Math.trunc(Number(latent))));
     if (!Number.isFinite(v) || v === model.get("latent")) return;
-    model.set("latent", v);
-    model.save_changes();
+    setTraits(model, { latent: v });
   };
   const prev = h("button", { class: "sae-prev", type: "button", text: "\u25c0", title: "previous latent",
     onclick: () => go(model.get("latent") - 1) });
@@ -22,8 +21,7 @@ function render({ model, el }) {
     "aria-label": "explanation" });
   onCommit(expl, (value) => {
     if (value === model.get("explanation")) return;
-    model.set("explanation", value);
-    model.save_changes();
+    setTraits(model, { explanation: value });
   });
   const head = h("div", { class: "sae-dash-head" }, [title, h("span", { class: "sae-nav" }, [prev, input, next])]);
   const body = h("div", { class: "sae-dash-slot" });

@@ -4,10 +4,7 @@
 function render({ model, el }) {
   hideStaticCopy(model);
   const root = widgetRoot("sae-explorer");
-  const set = (changes) => {
-    for (const [k, v] of Object.entries(changes)) model.set(k, v);
-    model.save_changes();
-  };
+  const set = (changes) => setTraits(model, changes);
   const prompt = h("textarea", { class: "sae-prompt", rows: 2, placeholder: "type a prompt\u2026",
     "aria-label": "prompt" });
   const status = h("span", { class: "sae-status" });

@@ -7,10 +7,7 @@ const STEER_MODES = ["add", "clamp", "scale", "ablate"];
 function render({ model, el }) {
   hideStaticCopy(model);
   const root = widgetRoot("sae-steer");
-  const set = (k, v) => {
-    model.set(k, v);
-    model.save_changes();
-  };
+  const set = (k, v) => setTraits(model, { [k]: v });
   const send = (msg) => model.send(msg);
 
   const prompt = h("textarea", { class: "sae-prompt", rows: 2, placeholder: "prompt\u2026", "aria-label": "prompt" });

@@ -17,10 +17,7 @@ function render({ model, el }) {
       topLatents: model.get("top_latents"),
       selected: selected >= 0 ? selected : null,
       tooltip,
-      onClick: (i) => {
-        model.set("selected_index", model.get("selected_index") === i ? -1 : i);
-        model.save_changes();
-      },
+      onClick: (i) => setTraits(model, { selected_index: model.get("selected_index") === i ? -1 : i }),
     });
     line.replaceChildren(box);
   }

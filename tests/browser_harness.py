@@ -214,6 +214,22 @@ class RequestLog:
         return [u for u in self.urls if not is_local_url(u)]
 
 
+def wait_until(condition, timeout: float = 20.0):
+    """Poll `condition` until it returns something truthy (returned), or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if got := condition():
+            return got
+        time.sleep(0.05)
+    raise AssertionError(f"condition not met in {timeout} s")
+
+
+def read_state(root: Path, name: str, trait: str):
+    """The traitlet value a notebook's `record(widget, name, trait)` last wrote under root/state (None before)."""
+    p = root / "state" / f"{name}.{trait}.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
 def open_notebook(browser, server: "LabServer", name: str):
     """(context, page, request log): the notebook open in JupyterLab with its kernel idle, ready to run cells."""
     context = browser.new_context(viewport={"width": 1300, "height": 1000})

@@ -5,7 +5,6 @@ so what a click did is checked from Python's side. Screenshots go to test-artifa
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -14,7 +13,7 @@ import nbformat
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from browser_harness import CHROMIUM_ARGS, RECORD_CELL, LabServer, chromium_path, open_notebook  # noqa: E402
+from browser_harness import RECORD_CELL, LabServer, open_notebook, read_state, wait_until  # noqa: E402
 
 from sae_widgets.widgets._common import display_token  # noqa: E402
 
@@ -51,30 +50,6 @@ monitor""",
 ]
 
 
-def state(root: Path, name: str, trait: str):
-    p = root / "state" / f"{name}.{trait}.json"
-    return json.loads(p.read_text()) if p.exists() else None
-
-
-def wait_until(cond, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if got := cond():
-            return got
-        time.sleep(0.05)
-    raise AssertionError(f"condition not met in {timeout} s")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS, headless=True)
-        yield b
-        b.close()
-
-
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory, browser):
     root = tmp_path_factory.mktemp("lab")
@@ -102,7 +77,7 @@ def test_training_monitor_charts_update_live_and_stop_writes_a_checkpoint(lab):
     page, root, log = lab
     mon = page.locator(".sae-root.sae-monitor")
     assert mon.locator("svg.sae-chart").count() == 6
-    wait_until(lambda: int(mon.get_attribute("data-points") or 0) > 0)
+    wait_until(lambda: int(mon.get_attribute("data-points") or 0) > 0, timeout=60)
     line = mon.locator('.sae-tm-chart[data-metric="loss"] polyline.sae-line')
     first = line.get_attribute("points")
     first_counts = mon.locator(".sae-tm-counts").text_content()
@@ -111,15 +86,15 @@ def test_training_monitor_charts_update_live_and_stop_writes_a_checkpoint(lab):
     assert mon.locator(".sae-tm-counts").text_content() != first_counts
     assert "ETA" in first_counts and mon.locator(".sae-tm-status").text_content() == "running"
     mon.locator("button.sae-tm-pause").click()
-    wait_until(lambda: state(root, "monitor", "status") == "paused")
+    wait_until(lambda: read_state(root, "monitor", "status") == "paused", timeout=60)
     mon.locator("button.sae-tm-resume").click()
-    wait_until(lambda: state(root, "monitor", "status") == "running")
+    wait_until(lambda: read_state(root, "monitor", "status") == "running", timeout=60)
     page.screenshot(path=str(ARTIFACTS / "training_monitor_running.png"))
     mon.locator("button.sae-tm-stop").click()
-    wait_until(lambda: state(root, "monitor", "status") == "stopped", timeout=60)
+    wait_until(lambda: read_state(root, "monitor", "status") == "stopped", timeout=60)
     ckpt = latest_checkpoint(root / "run")
     assert ckpt is not None and (ckpt / "state.safetensors").is_file()
-    assert state(root, "monitor", "checkpoint") == str(Path("run") / "checkpoints" / ckpt.name)
+    assert read_state(root, "monitor", "checkpoint") == str(Path("run") / "checkpoints" / ckpt.name)
     mon.locator(".sae-tm-status", has_text="stopped").wait_for()
     mon.locator("table.sae-tm-final tbody tr").first.wait_for()
     assert mon.locator("button.sae-tm-stop").is_disabled()
@@ -133,9 +108,9 @@ def test_steering_panel_generate_shows_a_steered_completion(lab):
     strength = panel.locator(".sae-sp-strength")
     strength.fill("60")
     strength.press("Enter")
-    wait_until(lambda: state(root, "panel", "edits") == [{"latent": 3, "mode": "add", "value": 60.0}])
+    wait_until(lambda: read_state(root, "panel", "edits") == [{"latent": 3, "mode": "add", "value": 60.0}], timeout=60)
     panel.locator("button.sae-sp-generate").click()
-    history = wait_until(lambda: state(root, "panel", "history"), timeout=120)
+    history = wait_until(lambda: read_state(root, "panel", "history"), timeout=120)
     run = history[0]
     base, steered = panel.locator(".sae-sp-baseline .sae-tok"), panel.locator(".sae-sp-steered .sae-tok")
     steered.first.wait_for()

@@ -20,7 +20,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from browser_harness import (  # noqa: E402
-    CHROMIUM_ARGS, HIGHLIGHT_TOKENS, XSS_TOKENS, LabServer, RequestLog, StandInStats, brute_force_page, chromium_path,
+    HIGHLIGHT_TOKENS, XSS_TOKENS, LabServer, RequestLog, StandInStats, brute_force_page, read_state, wait_until,
     isolated_jupyter_env, open_notebook, widget_notebook,
 )
 
@@ -44,24 +44,17 @@ class LabSession:
         self.highlight_colors: list[str] = []
 
     def state(self, name: str, trait: str):
-        p = self.state_dir / f"{name}.{trait}.json"
-        return json.loads(p.read_text()) if p.exists() else None
+        return read_state(self.state_dir.parent, name, trait)
 
     def wait_state(self, name: str, trait: str, want, timeout: float = 20.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if (got := self.state(name, trait)) == want:
-                return got
-            time.sleep(0.05)
-        raise AssertionError(f"Python-side {name}.{trait} is {self.state(name, trait)!r}, expected {want!r}")
+        try:
+            wait_until(lambda: self.state(name, trait) == want, timeout)
+        except AssertionError:
+            raise AssertionError(f"Python-side {name}.{trait} is {self.state(name, trait)!r}, expected {want!r}") from None
+        return want
 
     def wait_until(self, condition, timeout: float = 20.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if got := condition():
-                return got
-            time.sleep(0.05)
-        raise AssertionError(f"condition not met in {timeout} s")
+        return wait_until(condition, timeout)
 
     def kernel(self, code: str) -> str:
         """Run `code` in the notebook's kernel (not as a cell) and return the reply status."""
@@ -91,16 +84,6 @@ def report(capsys):
 
 def _widget(session: LabSession, cls: str):
     return session.page.locator(f".sae-root.{cls}")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS, headless=True)
-        yield b
-        b.close()
 
 
 @pytest.fixture(scope="module")

@@ -125,6 +125,13 @@ def jsonable(obj: Any) -> Any:
     raise TypeError(f"cannot send a {type(obj).__name__} to the widget front-end: {obj!r}")
 
 
+def check_optional_index(name: str, i: int, n: int) -> int:
+    """A selection traitlet's validation: -1 (none) or a position in 0..n-1."""
+    if not -1 <= i < n:
+        raise traitlets.TraitError(f"{name}={i} is out of range: -1 (none) or 0..{n - 1}")
+    return i
+
+
 class LiveStaticWidget(anywidget.AnyWidget):
     """An anywidget that also shows a `text/html` rendering of its current state.
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import traitlets
 
 from ._common import LiveStaticWidget, jsonable, widget_css, widget_esm
-from .feature_dashboard import check_latent, feature_payload
+from .feature_dashboard import check_optional_latent, feature_payload
 from .latent_table import SORT_KEYS, LatentTable
 from .static_html import dashboard_html, latent_table_html
 
@@ -61,13 +61,7 @@ class FeatureBrowser(LiveStaticWidget):
 
     @traitlets.validate("selected_latent")
     def _check_selected(self, proposal):
-        v = proposal["value"]
-        if v == -1:
-            return v
-        try:
-            return check_latent(v, int(self.stats.d_sae))
-        except (TypeError, ValueError) as e:
-            raise traitlets.TraitError(f"{e} (or -1 for none)") from None
+        return check_optional_latent(proposal["value"], int(self.stats.d_sae))
 
     def _requery(self, change=None):
         if change is not None and change["name"] in ("query", "min_density", "max_density", "sort_by",

@@ -22,6 +22,16 @@ def check_latent(latent, d_sae: int) -> int:
     return latent
 
 
+def check_optional_latent(latent, d_sae: int) -> int:
+    """A `selected_latent` traitlet's validation: a valid latent, or -1 for none."""
+    if latent == -1:
+        return latent
+    try:
+        return check_latent(latent, d_sae)
+    except (TypeError, ValueError) as e:
+        raise traitlets.TraitError(f"{e} (or -1 for none)") from None
+
+
 def feature_payload(stats, latent: int) -> dict:
     """`stats.feature(latent)` as plain JSON, checked against the statistics contract."""
     feature = stats.feature(latent)

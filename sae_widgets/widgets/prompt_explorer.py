@@ -9,8 +9,8 @@ import torch
 import traitlets
 
 from ..activations import stop_layer_for, validate_hooks
-from ._common import LiveStaticWidget, esc, jsonable, widget_css, widget_esm
-from .feature_dashboard import check_latent, feature_payload
+from ._common import LiveStaticWidget, check_optional_index, esc, jsonable, widget_css, widget_esm
+from .feature_dashboard import check_optional_latent, feature_payload
 from .static_html import color_scale, dashboard_html, tokens_html
 
 
@@ -100,20 +100,11 @@ class PromptExplorer(LiveStaticWidget):
 
     @traitlets.validate("selected_latent")
     def _check_selected_latent(self, proposal):
-        v = proposal["value"]
-        if v == -1:
-            return v
-        try:
-            return check_latent(v, self.sae.cfg.d_sae)
-        except (TypeError, ValueError) as e:
-            raise traitlets.TraitError(f"{e} (or -1 for none)") from None
+        return check_optional_latent(proposal["value"], self.sae.cfg.d_sae)
 
     @traitlets.validate("selected_index")
     def _check_selected_index(self, proposal):
-        i = proposal["value"]
-        if not -1 <= i < len(self.tokens):
-            raise traitlets.TraitError(f"selected_index={i} is out of range: -1 (none) or 0..{len(self.tokens) - 1}")
-        return i
+        return check_optional_index("selected_index", proposal["value"], len(self.tokens))
 
     @traitlets.observe("selected_latent")
     def _latent_changed(self, change):

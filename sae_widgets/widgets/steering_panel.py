@@ -13,7 +13,7 @@ import traitlets
 
 from ..steering import POSITION_KEYWORDS, LatentEdit, check_sae_fits, latent_activations
 from ..steering_report import steer
-from ._common import LiveStaticWidget, esc, fmt, jsonable, widget_css, widget_esm
+from ._common import LiveStaticWidget, check_optional_index, esc, fmt, jsonable, widget_css, widget_esm
 from .feature_dashboard import check_latent
 from .static_html import color_scale, tokens_html
 
@@ -74,10 +74,7 @@ class SteeringPanel(LiveStaticWidget):
 
     @traitlets.validate("selected")
     def _check_selected(self, proposal):
-        i = proposal["value"]
-        if not -1 <= i < len(self.history):
-            raise traitlets.TraitError(f"selected={i} is out of range: -1 (none) or 0..{len(self.history) - 1}")
-        return i
+        return check_optional_index("selected", proposal["value"], len(self.history))
 
     # -- latents
     def add_latent(self, latent: int, value: float | None = None, mode: str = "add") -> None:

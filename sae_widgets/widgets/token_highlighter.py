@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import traitlets
 
-from ._common import LiveStaticWidget, jsonable, widget_css, widget_esm
+from ._common import LiveStaticWidget, check_optional_index, jsonable, widget_css, widget_esm
 from .static_html import color_scale, tokens_html
 
 
@@ -106,10 +106,7 @@ class TokenHighlighter(LiveStaticWidget):
 
     @traitlets.validate("selected_index")
     def _check_selected(self, proposal):
-        i = proposal["value"]
-        if not -1 <= i < len(self.tokens):
-            raise traitlets.TraitError(f"selected_index={i} is out of range: -1 (none) or 0..{len(self.tokens) - 1}")
-        return i
+        return check_optional_index("selected_index", proposal["value"], len(self.tokens))
 
     @property
     def selected_token(self) -> str | None:
