@@ -61,6 +61,32 @@ def validate_hooks(model, hooks: Sequence[str]) -> None:
                              f"{_compact_hook_list(list(model.hook_dict), n_layers)}")
 
 
+@torch.no_grad()
+def run_to_hooks(model, hooks: Sequence[str], tokens: torch.Tensor,
+                 stop_at_layer: int | None = None) -> list[torch.Tensor]:
+    """Activations [batch, position, width] at each hook (per-head hook_z flattened), from one forward pass that stops
+    at `stop_at_layer`. A hook that does not fire, or is not per-token (attention patterns), is a clear error."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def grab(name):
+        def fn(act, hook):
+            captured[name] = act.detach()
+            return act
+        return fn
+
+    model.run_with_hooks(tokens, fwd_hooks=[(h, grab(h)) for h in hooks], stop_at_layer=stop_at_layer)
+    out = []
+    for h in hooks:
+        a = captured.get(h)
+        if a is None:
+            raise RuntimeError(f"hook {h!r} did not fire during the forward pass")
+        if a.shape[:2] != tokens.shape:
+            raise ValueError(f"hook {h!r} gives shape {tuple(a.shape)}, not [batch, position, ...]: "
+                             f"it is not a per-token activation (attention patterns, scores) the store can stream")
+        out.append(a.reshape(*a.shape[:2], -1))  # flattens per-head hook_z to [batch, pos, n_heads * d_head]
+    return out
+
+
 def stop_layer_for(model, hooks: Sequence[str]) -> int | None:
     """The `stop_at_layer` that still fires every hook: blocks past the last needed one never run."""
     needed = []
@@ -130,30 +156,12 @@ class ModelRows:
 
     def _probe_dims(self) -> list[int]:
         probe = torch.tensor([[self.bos_id if self.bos_id is not None else 0, 1]], device=self.model.cfg.device)
-        acts = self._run(probe)
+        acts = self.run(probe)
         return [a.shape[-1] for a in acts]
 
-    @torch.no_grad()
-    def _run(self, tokens: torch.Tensor) -> list[torch.Tensor]:
-        captured: dict[str, torch.Tensor] = {}
-
-        def grab(name):
-            def fn(act, hook):
-                captured[name] = act.detach()
-                return act
-            return fn
-
-        self.model.run_with_hooks(tokens, fwd_hooks=[(h, grab(h)) for h in self.hooks], stop_at_layer=self.stop_at_layer)
-        out = []
-        for h in self.hooks:
-            a = captured.get(h)
-            if a is None:
-                raise RuntimeError(f"hook {h!r} did not fire during the forward pass")
-            if a.shape[:2] != tokens.shape:
-                raise ValueError(f"hook {h!r} gives shape {tuple(a.shape)}, not [batch, position, ...]: "
-                                 f"it is not a per-token activation (attention patterns, scores) the store can stream")
-            out.append(a.reshape(*a.shape[:2], -1))  # flattens per-head hook_z to [batch, pos, n_heads * d_head]
-        return out
+    def run(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """The hooks' activations for these token windows, stopping after the last block they need."""
+        return run_to_hooks(self.model, self.hooks, tokens, self.stop_at_layer)
 
     def skip_windows(self, n: int) -> None:
         for _ in range(n):
@@ -165,7 +173,7 @@ class ModelRows:
         windows = [next(self._windows) for _ in range(self.model_batch_size)]
         self.windows_done += len(windows)
         tokens = torch.tensor(windows, dtype=torch.long, device=self.model.cfg.device)
-        acts = self._run(tokens)
+        acts = self.run(tokens)
         rows = torch.cat(acts, dim=-1)
         if self.drop_first:
             rows = rows[:, 1:]

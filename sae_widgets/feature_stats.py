@@ -154,7 +154,7 @@ class FeatureStats:
             for batch in batches:
                 batch = batch.to(model_device)
                 with torch.autocast(model_device.type, dtype=torch.bfloat16, enabled=use_autocast and model_device.type == "cuda"):
-                    acts = rows._run(batch)[0]
+                    acts = rows.run(batch)[0]
                 sweep.add(batch, acts)
                 bar.update(batch.shape[0] * scored)
             arrays = sweep.result()

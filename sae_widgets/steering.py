@@ -33,7 +33,7 @@ from typing import Any, Union
 
 import torch
 
-from .activations import stop_layer_for, validate_hooks
+from .activations import run_to_hooks, stop_layer_for, validate_hooks
 
 MODES = ("add", "clamp", "scale", "ablate")
 POSITION_KEYWORDS = ("all", "last")
@@ -155,18 +155,8 @@ def eval_mode(sae):
 @torch.no_grad()
 def hook_width(model, name: str) -> int:
     """Values per token at hook `name` (heads flattened), from a two-token forward pass up to that hook."""
-    validate_hooks(model, [name])
-    seen: dict[str, torch.Size] = {}
-
-    def grab(act, hook):  # transformer_lens passes the hook point as `hook=`
-        seen["shape"] = act.shape
-        return act
-
     probe = torch.zeros(1, 2, dtype=torch.long, device=model.cfg.device)
-    model.run_with_hooks(probe, fwd_hooks=[(name, grab)], stop_at_layer=stop_layer_for(model, [name]))
-    if "shape" not in seen:
-        raise RuntimeError(f"hook {name!r} did not fire during the forward pass")
-    return math.prod(seen["shape"][2:])
+    return hook_activations(model, name, probe).shape[-1]
 
 
 def check_sae_fits(model, sae) -> None:
@@ -312,15 +302,7 @@ def steering_vector(sae, latent: int) -> torch.Tensor:
 def hook_activations(model, name: str, tokens: torch.Tensor) -> torch.Tensor:
     """Clean activations [B, P, width] at hook `name` (heads flattened), running the model only as far as needed."""
     validate_hooks(model, [name])
-    seen: dict[str, torch.Tensor] = {}
-
-    def grab(act, hook):
-        seen["act"] = act.detach()
-        return act
-
-    model.run_with_hooks(tokens, fwd_hooks=[(name, grab)], stop_at_layer=stop_layer_for(model, [name]))
-    a = seen["act"]
-    return a.reshape(*a.shape[:2], -1)
+    return run_to_hooks(model, [name], tokens, stop_layer_for(model, [name]))[0]
 
 
 @torch.no_grad()

@@ -50,7 +50,8 @@ class LabSession:
         try:
             wait_until(lambda: self.state(name, trait) == want, timeout)
         except AssertionError:
-            raise AssertionError(f"Python-side {name}.{trait} is {self.state(name, trait)!r}, expected {want!r}") from None
+            got = self.state(name, trait)
+            raise AssertionError(f"Python-side {name}.{trait} is {got!r}, expected {want!r}") from None
         return want
 
     def wait_until(self, condition, timeout: float = 20.0):
