@@ -6,7 +6,8 @@ index, so "the k largest keys" is the exact selection. Two exact algorithms:
 tiles (TopK / AbsTopK): a plain 2-D grid of matmul tiles. Each [BM, BN] tile keeps only each row's R largest keys
   (R max-reductions, no sorting), and topk_merge takes each row's top k of its T × R kept keys. That is exact unless
   one tile held R or more of a row's top k; the merge flags such rows (a tile's R-th key was selected; R is chosen
-  so that about one row per call is flagged) and `scan` recomputes them, all on the GPU with no host sync.
+  so that under 0.05 rows per call are flagged on average) and `scan` recomputes them, all on the GPU with no host
+  sync.
 scan (JumpReLU, the flagged rows, tiny shapes): each program owns BM rows and one chunk of the latents and keeps a
   running top-k by bitonic merges (`tl.topk`); about 8x slower than `tiles` at 32,768 latents, exact for any k.
 """
