@@ -20,6 +20,7 @@ def t(fn):
 
 
 SCATTER_ONLY = "--scatter-only" in __import__("sys").argv
+STEP_ONLY = "--step-only" in __import__("sys").argv  # only the whole-step profile
 
 
 def main():
@@ -79,11 +80,24 @@ def profile_step():
         for _ in range(5):
             tr.train_step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=80))
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=80))
     print(f"step ms: {t(tr.train_step):.3f}")
+    import time
+
+    host, total = [], []
+    for _ in range(20):  # host time to enqueue a step vs its wall time: equal means the step is launch-bound
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        tr.train_step()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        host.append(t1 - t0)
+        total.append(time.perf_counter() - t0)
+    print(f"host enqueue ms (median): {sorted(host)[10] * 1e3:.3f}; wall ms: {sorted(total)[10] * 1e3:.3f}")
 
 
 if __name__ == "__main__":
-    main()
+    if not STEP_ONLY:
+        main()
     if not SCATTER_ONLY:
         profile_step()

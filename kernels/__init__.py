@@ -1,7 +1,8 @@
 """Triton kernels for sparse autoencoders, installed as ``sae_widgets.kernels``.
 
 `encode_topk` (fused encoder + TopK/AbsTopK), `gather_sum` / `gather_dot` / `scatter_outer` (sparse decoder and
-sparse backward), and the autograd wrappers `TopKEncode` / `SparseDecode`. `reference.py` holds the PyTorch
+sparse backward), the autograd wrappers `TopKEncode` / `SparseDecode`, and `project_out_rows_` / `normalize_rows_`
+(the unit-norm decoder's upkeep, one pass each). `reference.py` holds the PyTorch
 definitions they are tested against. On a machine without CUDA they run only under TRITON_INTERPRET=1.
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ def __getattr__(name):
 
     where = {"encode_topk": "topk_encoder", "gather_sum": "sparse_ops", "gather_dot": "sparse_ops",
              "scatter_outer": "sparse_ops", "group_by_latent": "sparse_ops", "TopKEncode": "autograd",
-             "LatentGrouping": "autograd",
+             "LatentGrouping": "autograd", "project_out_rows_": "decoder_rows", "normalize_rows_": "decoder_rows",
              "SparseDecode": "autograd"}
     if name in where:
         return getattr(import_module(f".{where[name]}", __name__), name)

@@ -50,7 +50,9 @@ class TopKEncode(torch.autograd.Function):
         if need_x:
             dx = gather_sum(dz, indices, w.t().contiguous(), out_dtype=torch.float32)
         if need_w:
-            dw = scatter_outer(dz, indices, x_c, n, ctx.grouping(indices)).t().to(ctx.w_dtype)
+            # written straight into W_enc's [d_in, n] layout: autograd keeps it as W_enc.grad with no transposing copy
+            dw = torch.empty(w.shape, dtype=ctx.w_dtype, device=w.device)
+            scatter_outer(dz, indices, x_c, n, ctx.grouping(indices), out=dw.t())
         if need_b or need_centre:
             db = torch.zeros(n, dtype=torch.float32, device=dz.device).index_add_(0, indices.reshape(-1).long(),
                                                                                    dz.reshape(-1))
@@ -62,20 +64,24 @@ class TopKEncode(torch.autograd.Function):
 class SparseDecode(torch.autograd.Function):
     """(values, indices, W_dec, b_dec) -> x̂ = Σ_j v_j W_dec[idx_j] + b_dec, by row gather.
 
+    `dtype` is the gather's operand type (bf16 under autocast): W_dec is cast inside, so its gradient comes back in
+    W_dec's own dtype straight from the fp32 accumulation, not through a bf16 round trip.
     Backward: ∂v = ⟨g, W_dec[idx]⟩; ∂W_dec only in the active rows; ∂b_dec = Σ_b g. Works in fp32 and bf16.
     """
 
     @staticmethod
-    def forward(ctx, values, indices, w_dec, b_dec, grouping: LatentGrouping | None = None):
-        ctx.save_for_backward(values, indices, w_dec)
+    def forward(ctx, values, indices, w_dec, b_dec, grouping: LatentGrouping | None = None, dtype=None):
+        w = w_dec.to(dtype or w_dec.dtype)
+        ctx.save_for_backward(values, indices, w)
         ctx.grouping = grouping or LatentGrouping(w_dec.shape[0])
-        return gather_sum(values, indices, w_dec, b_dec, out_dtype=torch.promote_types(values.dtype, b_dec.dtype))
+        ctx.w_dtype = w_dec.dtype
+        return gather_sum(values, indices, w, b_dec, out_dtype=torch.promote_types(values.dtype, b_dec.dtype))
 
     @staticmethod
     def backward(ctx, g):
-        values, indices, w_dec = ctx.saved_tensors
-        dv = gather_dot(g, indices, w_dec) if ctx.needs_input_grad[0] else None
-        dw = scatter_outer(values, indices, g, w_dec.shape[0], ctx.grouping(indices)).to(w_dec.dtype) \
+        values, indices, w = ctx.saved_tensors
+        dv = gather_dot(g, indices, w) if ctx.needs_input_grad[0] else None
+        dw = scatter_outer(values, indices, g, w.shape[0], ctx.grouping(indices), out_dtype=ctx.w_dtype) \
             if ctx.needs_input_grad[2] else None
         db = g.sum(0) if ctx.needs_input_grad[3] else None
-        return dv, None, dw, db, None
+        return dv, None, dw, db, None, None

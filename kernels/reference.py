@@ -44,3 +44,11 @@ def encode_jumprelu_reference(x, w_enc, b_enc, theta, k_max: int):
     order = torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :k_max]
     keep = active.gather(-1, order)
     return torch.where(keep, z.gather(-1, order), 0.0), torch.where(keep, order, 0), active.sum(-1)
+
+
+def project_out_rows_reference(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return g - (g * w).sum(-1, keepdim=True) * w
+
+
+def normalize_rows_reference(w: torch.Tensor) -> torch.Tensor:
+    return w / w.norm(dim=-1, keepdim=True).clamp_min(1e-12)

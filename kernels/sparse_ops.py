@@ -49,7 +49,7 @@ def _gather_dot_kernel(g_ptr, idx_ptr, w_ptr, out_ptr, K, D, sgb, sib, swn, sob,
 
 
 @triton.jit
-def _scatter_outer_kernel(order_ptr, start_ptr, coef_ptr, rows_ptr, out_ptr, K, D, srb, sob,
+def _scatter_outer_kernel(order_ptr, start_ptr, coef_ptr, rows_ptr, out_ptr, K, D, srb, sob, sod,
                           BT: tl.constexpr, BD: tl.constexpr):
     lat = tl.program_id(0)
     ds = tl.program_id(1) * BD + tl.arange(0, BD)
@@ -64,7 +64,7 @@ def _scatter_outer_kernel(order_ptr, start_ptr, coef_ptr, rows_ptr, out_ptr, K, 
         c = tl.load(coef_ptr + e, mask=tmask, other=0.0).to(tl.float32)
         r = tl.load(rows_ptr + (e // K)[:, None] * srb + ds[None, :], mask=tmask[:, None] & dmask[None, :], other=0.0)
         acc += tl.sum(c[:, None] * r.to(tl.float32), axis=0)
-    tl.store(out_ptr + lat.to(tl.int64) * sob + ds, acc.to(out_ptr.dtype.element_ty), mask=dmask)
+    tl.store(out_ptr + lat.to(tl.int64) * sob + ds.to(tl.int64) * sod, acc.to(out_ptr.dtype.element_ty), mask=dmask)
 
 
 def gather_sum(values, indices, weight, bias=None, out_dtype=None, out=None):
@@ -93,10 +93,9 @@ def gather_dot(grad, indices, weight, out_dtype=torch.float32, out=None):
 def group_by_latent(indices, n_latents: int):
     """(order, starts): flat (b, j) positions sorted by latent, and each latent's first position (CSR offsets)."""
     flat = indices.reshape(-1).long()
-    order = torch.sort(flat, stable=True).indices
-    counts = torch.bincount(flat, minlength=n_latents)
-    starts = torch.zeros(n_latents + 1, dtype=torch.int64, device=indices.device)
-    starts[1:] = counts.cumsum(0)
+    latents, order = torch.sort(flat, stable=True)
+    # searchsorted, not bincount: bincount waits for the GPU (it reads the max), which a CUDA graph cannot hold
+    starts = torch.searchsorted(latents, torch.arange(n_latents + 1, device=indices.device))
     return order, starts
 
 
@@ -112,5 +111,5 @@ def scatter_outer(coef, indices, rows, n_latents: int, grouping=None, out_dtype=
     BD = min(1024, next_pow2(D))
     BT, BD = tiles or (min(32, max(4, 8192 // BD)), BD)
     _scatter_outer_kernel[(n_latents, triton.cdiv(D, BD))](order, starts, coef, rows, out, K, D, rows.stride(0),
-                                                          out.stride(0), BT=BT, BD=BD)
+                                                          out.stride(0), out.stride(1), BT=BT, BD=BD)
     return out

@@ -206,9 +206,9 @@ class SAE(nn.Module):
         from sae_widgets.kernels import LatentGrouping, SparseDecode, TopKEncode
 
         x_c = self.encoder_input(x)
-        w_dec, dtype = self.W_dec, self.W_enc.dtype
+        dtype = self.W_enc.dtype
         if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):  # kernels see bf16 operands, fp32 accumulation
-            w_dec, dtype = w_dec.to(torch.bfloat16), torch.bfloat16
+            dtype = torch.bfloat16
         if self.cfg.arch == "jumprelu":  # inference only (no autograd): the active latents in sparse form
             from sae_widgets.kernels import encode_topk
 
@@ -222,8 +222,8 @@ class SAE(nn.Module):
             grouping = LatentGrouping(self.cfg.d_sae)  # one sort of the indices serves both backward passes
             values, indices = TopKEncode.apply(x_n, centre, self.W_enc, self.b_enc, self.cfg.k,
                                                self.cfg.arch == "abstopk", dtype, grouping)
-            return x_c, values, indices, SparseDecode.apply(values, indices, w_dec, self.b_dec, grouping)
-        return x_c, values, indices, SparseDecode.apply(values, indices, w_dec, self.b_dec)
+            return x_c, values, indices, SparseDecode.apply(values, indices, self.W_dec, self.b_dec, grouping, dtype)
+        return x_c, values, indices, SparseDecode.apply(values, indices, self.W_dec, self.b_dec, None, dtype)
 
     def _kernel_forward(self, x: torch.Tensor):
         """`_sparse_forward(x)` where this call runs the kernels and the result fits; None means the dense path."""
@@ -377,9 +377,12 @@ class SAE(nn.Module):
         """Reconstruct the residual e = y − ŷ from the top `aux_k` dead latents (Gao et al. 2024, §A.2).
 
         Only the dead latents' pre-activations are computed (a product over the dead columns), so neither
-        backend needs the dense B × d_sae matrix for it.
+        backend needs the dense B × d_sae matrix for it. `dead` may end in −1s (a fixed-size list, as a CUDA graph
+        needs): those columns are held at 0, so they add nothing to the loss or the gradients.
         """
-        z = x_c @ self.W_enc[:, dead] + self.b_enc[dead]
+        padding = dead < 0
+        dead = dead.clamp_min(0)
+        z = torch.where(padding, 0.0, x_c @ self.W_enc[:, dead] + self.b_enc[dead])
         abs_select = self.cfg.arch == "abstopk"
         local = (z.abs() if abs_select else z).topk(min(self.cfg.aux_k, len(dead)), dim=-1).indices
         vals = z.gather(-1, local)
@@ -392,14 +395,35 @@ class SAE(nn.Module):
             e_hat = SparseDecode.apply(vals, dead[local].int(), self.W_dec, torch.zeros_like(self.b_dec))
         return ((e_hat - residual) ** 2).sum(-1).mean()
 
+    def _decoder_kernels(self) -> bool:
+        """The one-pass Triton upkeep of W_dec on CUDA (backend 'torch' keeps the PyTorch path everywhere)."""
+        if self.cfg.backend == "torch" or self.W_dec.device.type != "cuda":
+            return False
+        from sae_widgets.kernels import triton_runnable
+
+        return triton_runnable(self.W_dec.device)
+
     @torch.no_grad()
     def remove_parallel_grad(self) -> None:
         """Project out the gradient component along each decoder row, so Adam moves rows on the unit sphere."""
         if self.cfg.unit_norm_decoder and self.W_dec.grad is not None:
-            w = self.W_dec
-            w.grad -= (w.grad * w).sum(-1, keepdim=True) * w
+            from sae_widgets.kernels import reference
+
+            if self._decoder_kernels():
+                from sae_widgets.kernels import project_out_rows_
+
+                project_out_rows_(self.W_dec.grad, self.W_dec)
+            else:
+                self.W_dec.grad.copy_(reference.project_out_rows_reference(self.W_dec.grad, self.W_dec))
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
         if self.cfg.unit_norm_decoder:
-            self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            from sae_widgets.kernels import reference
+
+            if self._decoder_kernels():
+                from sae_widgets.kernels import normalize_rows_
+
+                normalize_rows_(self.W_dec)
+            else:
+                self.W_dec.copy_(reference.normalize_rows_reference(self.W_dec))

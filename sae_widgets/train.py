@@ -25,7 +25,8 @@ from safetensors.torch import load_file
 
 from .atomic import replace_dir_atomic, save_safetensors_atomic, write_json_atomic
 from .persistence import save_sae
-from .sae import SAE
+from .sae import SAE, TRITON_ARCHS
+from .step_graph import StepGraph, dead_capacity, padded_dead_latents
 
 CHECKPOINTS, LATEST = "checkpoints", "latest.json"
 
@@ -48,6 +49,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     autocast_bf16: bool = False          # CUDA only
+    cuda_graph: bool = True              # CUDA + the Triton kernels: replay each step as one CUDA graph (False: debug)
     out_dir: str | None = None
     progress: bool = True
 
@@ -144,8 +146,11 @@ class Trainer:
     """The training loop. `run()` trains until `total_tokens` (or `request_stop()`), resuming if asked."""
 
     def __init__(self, sae: SAE, store, cfg: TrainConfig, callbacks: list[Callable[[TrainEvent], None]] | None = None,
-                 metadata: dict[str, Any] | None = None):
+                 metadata: dict[str, Any] | None = None, parallel=None):
         self.sae, self.store, self.cfg = sae, store, cfg
+        # data-parallel (sae_widgets.distributed.DataParallel): the store serves this rank's slice of each global batch
+        # and `store.batch_size` is the global batch; None is the single-process path
+        self.parallel = parallel
         self.callbacks = list(callbacks or [])
         if cfg.progress:
             self.callbacks.append(ProgressBar())
@@ -153,8 +158,9 @@ class Trainer:
         self.device = next(sae.parameters()).device
         self.batch_tokens = store.batch_size
         self.total_steps = max(1, math.ceil(cfg.total_tokens / self.batch_tokens))
-        self.opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
-                                    fused=self.device.type == "cuda")
+        fused = self.device.type == "cuda"  # fused Adam: a device-side lr, skip (found_inf) and clip (grad_scale)
+        self.opt = torch.optim.Adam(sae.parameters(), lr=self._lr_value(cfg.lr), betas=cfg.adam_betas,
+                                    eps=cfg.adam_eps, fused=fused, capturable=fused)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.lr_factor)
         self.step = 0
         self.tokens = 0
@@ -165,8 +171,14 @@ class Trainer:
         self._pending_check = None  # (finite, loss, grad norm, step, tokens) of the last step, checked at the next sync
         self._last_checkpoint: Path | None = None
         self.out_dir = Path(cfg.out_dir) if cfg.out_dir else None
+        self._dead_capacity = 0
+        self._graph = StepGraph(self._device_step) if self._use_graph() else None
 
     # -- schedule
+    def _lr_value(self, lr: float) -> float | torch.Tensor:
+        """The optimizer's lr: a device tensor under fused Adam, so a captured step reads the scheduled value."""
+        return torch.tensor(float(lr), device=self.device) if self.device.type == "cuda" else float(lr)
+
     def lr_factor(self, step: int) -> float:
         cfg, n = self.cfg, self.total_steps
         if step < cfg.lr_warmup_steps:
@@ -198,51 +210,91 @@ class Trainer:
         xs, ys, n = [], [], 0
         while n < self.cfg.init_tokens:
             x, y = self._next()
+            if self.parallel is not None:  # data-parallel: every rank initialises from the whole global batches
+                x, y = self.parallel.all_gather_rows(x), (self.parallel.all_gather_rows(y) if y is not None else None)
             xs.append(x)
             ys.append(y)
             n += len(x)
         y_all = torch.cat(ys) if ys[0] is not None else None
         self.sae.initialize(torch.cat(xs), y_all, b_dec=self.cfg.b_dec_init)
+        if self.parallel is not None:
+            self.parallel.broadcast_module(self.sae)  # rank 0's weights everywhere, bit for bit
         self.initialized = True
 
     # -- one step
+    def _use_graph(self) -> bool:
+        cfg, sae = self.cfg, self.sae
+        return (cfg.cuda_graph and self.device.type == "cuda" and sae.cfg.arch in TRITON_ARCHS
+                and sae.cfg.backend != "torch" and (self.parallel is None or self.parallel.capturable))
+
     def train_step(self) -> dict[str, torch.Tensor]:
         """One optimiser step; returns the step's metrics as tensors (converted only when logged).
 
-        The step waits for the GPU once, at its start, to list the dead latents (the aux-k loss needs their count).
-        A non-finite loss or gradient never reaches the weights: on CUDA, fused Adam skips that update on the device
-        and the next sync raises TrainingDiverged; elsewhere the check runs before the update.
+        The step waits for the GPU once, at its start, to count the dead latents (the aux-k loss's size). The rest
+        (`_device_step`) never waits, so on CUDA it is replayed as one CUDA graph. A non-finite loss or gradient
+        never reaches the weights: on CUDA fused Adam skips that update on the device and the next sync raises
+        TrainingDiverged; elsewhere the check runs before the update.
         """
-        dead = (self.tokens_since_fired >= self.cfg.dead_window_tokens).nonzero().squeeze(1)
+        n_dead = int((self.tokens_since_fired >= self.cfg.dead_window_tokens).sum())
         self.raise_if_diverged()
         x, y = self._next()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cfg.autocast_bf16 and self.device.type == "cuda"):
+        if self._graph is not None:
+            self._dead_capacity = dead_capacity(n_dead, self.sae.cfg.d_sae, self._dead_capacity)
+            metrics = self._graph((x, y), (self._dead_capacity,))
+        else:
+            metrics = self._device_step(x, y, n_dead)
+        finite = metrics.pop("_finite")
+        self._pending_check = (finite, metrics["loss"], metrics["grad_norm"], self.step, self.tokens)
+        self.sched.step()
+        self.step += 1
+        self.tokens += len(x) * (self.parallel.world_size if self.parallel is not None else 1)  # global tokens
+        return metrics
+
+    def _device_step(self, x: torch.Tensor, y: torch.Tensor | None, n_dead: int) -> dict[str, torch.Tensor]:
+        """Loss, backward, clip, Adam and the dead-latent counters, with no host sync (on CUDA); 0-dim metrics out.
+
+        `n_dead` is the dead-latent list's size (padded with −1 when it is a graph's fixed capacity).
+        """
+        cfg = self.cfg
+        dead = padded_dead_latents(self.tokens_since_fired, cfg.dead_window_tokens, n_dead)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.autocast_bf16 and self.device.type == "cuda",
+                            cache_enabled=False):
             loss, parts = self.sae.training_loss(x, y, step=self.step, dead_latents=dead)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        fired, var, n = parts.pop("_fired"), None, len(x)
+        if self.parallel is None:
+            loss.backward()
+        else:  # data-parallel: gradients averaged over ranks during backward; loss, metrics, fired mask made global
+            with self.parallel.averaging_gradients(self.sae.parameters()):
+                loss.backward()
+            target = (y if y is not None else x).float() * self.sae.out_scale
+            parts, fired, var = self.parallel.reduce_step_stats(self.sae, parts, fired, target)
+            loss, n = parts["loss"], n * self.parallel.world_size  # n: tokens in the global batch
         self.sae.remove_parallel_grad()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.cfg.grad_clip)
+        params = [p for p in self.sae.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         finite = torch.isfinite(loss + grad_norm)
-        self._pending_check = (finite, loss.detach(), grad_norm.detach(), self.step, self.tokens)
-        if self.opt.defaults.get("fused"):
-            self.opt.found_inf = (~finite).float()  # fused Adam: no update (and no step count) when set
+        if self.opt.defaults.get("fused"):  # clip and skip inside fused Adam's one kernel: no extra pass, no sync
+            self.opt.grad_scale = ((grad_norm + 1e-6) / cfg.grad_clip).clamp_min(1.0)
+            self.opt.found_inf = (~finite).float()
         else:
-            self.raise_if_diverged()
+            torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, grad_norm)
+            if not bool(finite):
+                self._pending_check = (finite, loss.detach(), grad_norm.detach(), self.step, self.tokens)
+                self.raise_if_diverged()
         self.opt.step()
-        self.sched.step()
         self.sae.normalize_decoder()
-        fired = parts.pop("_fired")
-        self.tokens_since_fired += len(x)
+        self.tokens_since_fired += n
         self.tokens_since_fired.masked_fill_(fired, 0)
-        self.step += 1
-        self.tokens += len(x)
-        target = (y if y is not None else x).float() * self.sae.out_scale
-        var = ((target - target.mean(0)) ** 2).sum(-1).mean()
+        if var is None:
+            target = (y if y is not None else x).float() * self.sae.out_scale
+            var = ((target - target.mean(0)) ** 2).sum(-1).mean()
         metrics = dict(parts)
         full = parts.get("mse_full", parts["mse"])  # matryoshka's "mse" sums its prefix losses
         metrics["explained_variance"] = 1.0 - full / var.clamp_min(1e-12)
-        metrics["dead_fraction"] = (self.tokens_since_fired >= self.cfg.dead_window_tokens).float().mean()
-        metrics["grad_norm"] = grad_norm
+        metrics["dead_fraction"] = (self.tokens_since_fired >= cfg.dead_window_tokens).float().mean()
+        metrics["grad_norm"] = grad_norm.detach()
+        metrics["_finite"] = finite
         return metrics
 
     def raise_if_diverged(self) -> None:
@@ -271,7 +323,7 @@ class Trainer:
                 m = self.train_step()
                 if self.step % self.cfg.log_every == 0 or self.tokens >= self.cfg.total_tokens:
                     m = {k: float(v) for k, v in m.items()}
-                    m["lr"] = self.sched.get_last_lr()[0]
+                    m["lr"] = float(self.sched.get_last_lr()[0])
                     m["tokens_per_s"] = (self.tokens - tok0) / max(time.perf_counter() - t0, 1e-9)
                     self.history.append({"step": self.step, "tokens": self.tokens, **m})
                     self._emit(self._event("step", metrics=m))
@@ -284,7 +336,8 @@ class Trainer:
         self.sae.eval()
         if self.out_dir is not None:
             self.save_checkpoint()
-            save_sae(self.sae, self.out_dir / "sae", training=self.training_record())
+            if self.parallel is None or self.parallel.is_writer:
+                save_sae(self.sae, self.out_dir / "sae", training=self.training_record())
         self._emit(self._event("finished", path=str(self.out_dir / "sae") if self.out_dir else None,
                                metrics=self.history[-1] if self.history else {}))
         return self.sae
@@ -309,8 +362,17 @@ class Trainer:
         if self.out_dir is None:
             raise ValueError("TrainConfig.out_dir is not set: nowhere to write checkpoints")
         root = self.out_dir / CHECKPOINTS
-        root.mkdir(parents=True, exist_ok=True)
         name = f"step_{self.step:08d}"
+        if self.parallel is None or self.parallel.is_writer:  # data-parallel: rank 0 writes, the others wait for it
+            self._write_checkpoint(root, name)
+        if self.parallel is not None:
+            self.parallel.barrier()
+        self._last_checkpoint = root / name
+        self._emit(self._event("checkpoint", path=str(root / name)))
+        return root / name
+
+    def _write_checkpoint(self, root: Path, name: str) -> None:
+        root.mkdir(parents=True, exist_ok=True)
         staging = root / f".{name}.staging"
         if staging.exists():
             shutil.rmtree(staging)
@@ -321,11 +383,8 @@ class Trainer:
                                                    "train_config": asdict(self.cfg), "history": self.history})
         replace_dir_atomic(staging, root / name)
         write_json_atomic(root / LATEST, {"dir": name, "step": self.step, "tokens": self.tokens})
-        self._last_checkpoint = root / name
         for old in sorted(p for p in root.glob("step_*") if p.is_dir())[: -self.cfg.keep_checkpoints]:
             shutil.rmtree(old)
-        self._emit(self._event("checkpoint", path=str(root / name)))
-        return root / name
 
     def load_checkpoint(self, path: str | os.PathLike | None = None) -> None:
         ckpt = Path(path) if path else latest_checkpoint(self.out_dir) if self.out_dir else None
@@ -340,6 +399,12 @@ class Trainer:
         self.sae.load_state_dict(st["sae"])
         self.opt.load_state_dict(st["optimizer"])
         self.sched.load_state_dict(st["scheduler"])
+        for g in self.opt.param_groups:  # a checkpoint from another device: the lr kind this optimizer needs
+            g["lr"] = self._lr_value(g["lr"])
+            if "initial_lr" in g:
+                g["initial_lr"] = float(g["initial_lr"])
+        self.sched.base_lrs = [float(lr) for lr in self.sched.base_lrs]
+        self.sched._last_lr = [float(lr) for lr in self.sched._last_lr]
         torch.set_rng_state(st["rng"]["torch"])
         if "cuda" in st["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(st["rng"]["cuda"])
@@ -348,3 +413,5 @@ class Trainer:
         self.step, self.tokens, self.initialized = st["step"], st["tokens"], st["initialized"]
         self.history = meta["history"]
         self._last_checkpoint = ckpt
+        if self._graph is not None:  # the capture reads the tensors just replaced
+            self._graph.reset()

@@ -35,3 +35,62 @@ def test_fp32_and_bf16_autocast_train_and_agree(arch):
     if arch in ("topk", "relu"):
         assert r32 > 0.9 and r16 > 0.9, f"{arch}: recovery fp32 {r32:.3f}, bf16 {r16:.3f}"
     print(f"{arch}: mse fp32 {l32:.4f} bf16 {l16:.4f}; recovery fp32 {r32:.3f} bf16 {r16:.3f}")
+
+
+def graph_run(cuda_graph, steps=240, out_dir=None, checkpoint_every=0, resume=False, total_steps=None):
+    """TopK on synthetic data with a short dead window, so the dead-latent list (and the graph's capacity) moves."""
+    gen = SyntheticActivations(d_in=64, n_features=256, mean_active=5, batch_size=1024, seed=0, device="cuda")
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(arch="topk", d_in=64, d_sae=2048, k=5, aux_k=64)).cuda()
+    tr = Trainer(sae, gen, TrainConfig(total_tokens=1024 * (total_steps or steps), lr=2e-3, progress=False,
+                                       init_tokens=4096, dead_window_tokens=2048, autocast_bf16=True, log_every=1,
+                                       cuda_graph=cuda_graph, out_dir=out_dir, checkpoint_every=checkpoint_every))
+    if total_steps is not None and not resume:  # stop early: the interrupted run
+        tr.cfg.total_tokens = 1024 * steps
+    tr.run(resume=resume)
+    return tr
+
+
+def test_cuda_graph_replay_equals_the_eager_step():
+    """One captured step replayed from a state gives the same weights as the same step run eagerly from it."""
+    from sae_widgets.step_graph import StepGraph
+
+    tr = graph_run(True, steps=40)  # dead latents exist by now (window 2 steps)
+    assert tr._dead_capacity > 0 and tr._graph.captures >= 1
+    state = [tr.tokens_since_fired, *tr.sae.parameters(), *(t for s in tr.opt.state.values() for t in s.values())]
+    saved = [t.detach().clone() for t in state]
+    x, y = tr._next()
+    eager = tr._device_step(x, y, tr._dead_capacity)
+    after_eager = [t.detach().clone() for t in state]
+    with torch.no_grad():
+        for t, s in zip(state, saved):
+            t.copy_(s)
+    replayed = StepGraph(tr._device_step, warmup=0)((x, y), (tr._dead_capacity,))
+    assert "aux_k" in replayed and torch.isclose(eager["loss"], replayed["loss"], rtol=1e-5)
+    worst = max(((a.double() - b.double()).abs().max() / a.double().abs().max().clamp_min(1e-12)).item()
+                for a, b in zip(after_eager, state))
+    print(f"capacity {tr._dead_capacity}; loss eager {eager['loss']:.6f} graph {replayed['loss']:.6f}; "
+          f"worst relative weight difference {worst:.2e}")
+    assert worst < 1e-5, worst
+
+
+def test_cuda_graph_training_follows_eager_training():
+    """Over 240 steps (four captures as the dead list grows), the loss curve follows the eager run's."""
+    eager, graphed = graph_run(False), graph_run(True)
+    assert graphed._graph.captures >= 2, "the dead-list capacity should change"
+    deads = [h["dead_fraction"] for h in graphed.history]
+    assert max(deads) > 0.02, f"no dead latents, so the aux-k path was not exercised: {max(deads)}"
+    rel = max(abs(a["loss"] - b["loss"]) / a["loss"] for a, b in zip(eager.history, graphed.history))
+    print(f"captures {graphed._graph.captures}; max dead fraction {max(deads):.3f}; max rel loss diff {rel:.2e}")
+    assert rel < 3e-2, rel
+
+
+def test_cuda_graph_run_resumes_from_a_checkpoint(tmp_path):
+    """Stop at step 120 (checkpoint), resume in a fresh trainer (new capture), end where the uninterrupted run does."""
+    full = graph_run(True, steps=240)
+    graph_run(True, steps=120, total_steps=240, out_dir=str(tmp_path / "r"), checkpoint_every=120)
+    resumed = graph_run(True, total_steps=240, out_dir=str(tmp_path / "r"), resume=True)
+    assert resumed.step == full.step == 240
+    rel = max(abs(a["loss"] - b["loss"]) / a["loss"] for a, b in zip(full.history[120:], resumed.history[120:]))
+    print(f"resumed vs uninterrupted: max rel loss diff {rel:.2e}")
+    assert rel < 2e-2, rel

@@ -106,6 +106,9 @@ def test_sparse_decoder_kernels_match_references(dtype):
     acc = torch.full((N, D), float("nan"))
     scatter_outer(vals, idx, grad, N, out=acc)
     torch.testing.assert_close(acc, ref.scatter_outer_reference(vals, idx.long(), grad, N), **tol)
+    acc_t = torch.full((D, N), float("nan"))  # W_enc's [d_in, n] layout, written through a transposed view
+    scatter_outer(vals, idx, grad, N, out=acc_t.t())
+    torch.testing.assert_close(acc_t.t(), ref.scatter_outer_reference(vals, idx.long(), grad, N), **tol)
 
 
 @pytest.mark.parametrize("absolute", [False, True])
@@ -201,3 +204,28 @@ def test_jumprelu_sae_inference_on_the_kernels_equals_the_dense_path():
         tight.load_state_dict(fast.state_dict())
         torch.testing.assert_close(tight(x)[0], slow(x)[0], rtol=1e-5, atol=1e-5)  # overflow: the dense path
     assert not fast.uses_triton(x), "with gradients on, JumpReLU stays dense"
+
+
+@pytest.mark.parametrize("d", [24, 2500])  # one chunk per row, and rows longer than a chunk (the kernels loop)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decoder_row_upkeep_kernels_match_references(d, dtype):
+    from sae_widgets.kernels import normalize_rows_, project_out_rows_
+
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(5, d, generator=g, dtype=torch.float64)
+    w[3] = 0.0  # a zero row: normalisation divides by 1e-12 instead of 0
+    w_unit = ref.normalize_rows_reference(w)
+    grad = torch.randn(5, d, generator=g, dtype=torch.float64)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3)
+
+    out = w.to(dtype).clone()
+    normalize_rows_(out)
+    torch.testing.assert_close(out.double(), w_unit, **tol)
+    assert out[3].abs().max() == 0
+    out = grad.to(dtype).clone()
+    project_out_rows_(out, w_unit.to(dtype))
+    torch.testing.assert_close(out.double(), ref.project_out_rows_reference(grad, w_unit), **tol)
+    dots = (out.double() * w_unit).sum(-1)  # what is left has no component along the row
+    assert dots.abs().max() < (1e-4 if dtype == torch.float32 else 0.1), dots
+    with pytest.raises(ValueError, match="row-major"):
+        normalize_rows_(w.to(dtype).t())

@@ -126,3 +126,20 @@ def test_jumprelu_variant_gpu(dtype, k_max):
     assert rel((got * clear)[fits], (want * clear)[fits]) < TOL[dtype]
     flipped = ((got != 0) != active) & clear
     assert not flipped[fits].any(), "an entry clearly above (or below) its threshold was misclassified"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d", [768, 3000])
+def test_decoder_row_upkeep_gpu(dtype, d):
+    from sae_widgets.kernels import normalize_rows_, project_out_rows_
+
+    w = torch.randn(32768, d, device="cuda", dtype=torch.float64)
+    w_unit = ref.normalize_rows_reference(w)
+    g = torch.randn_like(w)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    out = w.to(dtype)
+    normalize_rows_(out)
+    torch.testing.assert_close(out.double(), w_unit, **tol)
+    out = g.to(dtype)
+    project_out_rows_(out, w_unit.to(dtype))
+    torch.testing.assert_close(out.double(), ref.project_out_rows_reference(g, w_unit), **tol)

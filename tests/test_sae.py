@@ -91,3 +91,39 @@ def test_backend_switch_and_width_errors(monkeypatch):
     untrained = SAE(SAEConfig(arch="batchtopk", d_in=4, d_sae=8, k=2)).eval()
     with pytest.raises(RuntimeError, match="no inference threshold yet"):
         untrained.encode(torch.randn(2, 4))
+
+
+@pytest.mark.parametrize("arch", ["topk", "abstopk"])
+def test_aux_k_loss_ignores_padding_in_the_dead_list(arch):
+    """A CUDA graph needs a fixed-size dead list: −1 padding must change neither the aux-k loss nor its gradients."""
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(arch=arch, d_in=16, d_sae=96, k=4, aux_k=8)).double()
+    with torch.no_grad():
+        sae.b_enc.normal_()
+    x, residual = torch.randn(32, 16, dtype=torch.float64), torch.randn(32, 16, dtype=torch.float64)
+    dead = torch.tensor([3, 10, 11, 40, 77])  # fewer dead latents than aux_k: the padded top-k reaches the padding
+
+    def loss_and_grads(d):
+        sae.zero_grad()
+        loss = sae.aux_k_loss(sae.encoder_input(x), d, residual)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in sae.parameters()]
+
+    ref, ref_grads = loss_and_grads(dead)
+    for size in (8, 16):
+        loss, grads = loss_and_grads(torch.cat([dead, torch.full((size - len(dead),), -1)]))
+        torch.testing.assert_close(loss, ref, rtol=1e-12, atol=0)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-15)
+
+
+def test_padded_dead_list_and_its_capacity():
+    from sae_widgets.step_graph import dead_capacity, padded_dead_latents
+
+    since = torch.tensor([0, 9, 10, 3, 50, 10, 0])
+    assert padded_dead_latents(since, 10, 5).tolist() == [2, 4, 5, -1, -1]  # = nonzero, then −1s
+    assert padded_dead_latents(since, 10, 3).tolist() == (since >= 10).nonzero().squeeze(1).tolist()
+    assert dead_capacity(0, 4096, 512) == 0
+    assert dead_capacity(1, 4096, 0) == 512 and dead_capacity(513, 4096, 512) == 1024
+    assert dead_capacity(300, 4096, 1024) == 1024 and dead_capacity(200, 4096, 1024) == 512  # keeps it while > 1/4
+    assert dead_capacity(4000, 3000, 0) == 3000  # never more than d_sae
