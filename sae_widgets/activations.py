@@ -172,6 +172,10 @@ class ModelRows:
         """Rows of one model batch: [model_batch_size * rows_per_window, sum(d_hooks)] on the model's device."""
         windows = [next(self._windows) for _ in range(self.model_batch_size)]
         self.windows_done += len(windows)
+        return self.rows_for(windows)
+
+    def rows_for(self, windows: list[list[int]]) -> torch.Tensor:
+        """Rows of these token windows: [len(windows) * rows_per_window, sum(d_hooks)] on the model's device."""
         tokens = torch.tensor(windows, dtype=torch.long, device=self.model.cfg.device)
         acts = self.run(tokens)
         rows = torch.cat(acts, dim=-1)
@@ -333,6 +337,9 @@ class ActivationStore:
                 "rows": dict(self.rows.state()), "batches_served": self.batches_served}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "rows" not in state:
+            raise ValueError(f"this store state (keys {sorted(state)}) is not an ActivationStore's: a data-parallel run "
+                             f"from a disk cache saves row numbers; train_run resumes it (sae_widgets.distributed)")
         self.rows.load_state(state["rows"])
         self._buffer = state["buffer"].to(self.device, self._buffer.dtype)
         self._pending = state["pending"].to(self.device, self._pending.dtype)

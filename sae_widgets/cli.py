@@ -181,6 +181,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import dataclasses
 
     from .config_io import read_json
+    from .distributed import launched_by_torchrun
     from .runs import RunConfig, train_run
 
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if getattr(args, f.name) is not None}
@@ -197,13 +198,20 @@ def cmd_train(args: argparse.Namespace) -> int:
             if "hook" not in {**base, **given}:
                 raise UsageError("--hook is required (or a 'hook' key in --config)")
             cfg = RunConfig.from_dict({**base, **given})
-        result = train_run(cfg, resume=bool(args.resume))
+        run = train_run
+        if launched_by_torchrun():  # a rank's error goes into torchrun's failure summary, not just its own stderr
+            from torch.distributed.elastic.multiprocessing.errors import record
+
+            run = record(train_run)
+        result = run(cfg, resume=bool(args.resume))
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         raise UsageError(str(e)) from e
     except KeyboardInterrupt:
         print(f"\ninterrupted: the last checkpoint is kept; continue with  sae-widgets train --resume {args.resume or cfg.out}",
               file=sys.stderr)
         return 130
+    if result is None:  # data-parallel: a rank other than 0 (rank 0 prints the result)
+        return 0
     print(result["table"])
     print(f"SAE: {Path(cfg.out) / 'sae'}\nmetrics: {Path(cfg.out) / 'metrics.json'}")
     return 0

@@ -5,6 +5,7 @@ run is reproducible from its `run_config.json` alone and `--resume DIR` needs no
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -97,30 +98,64 @@ def build_store(cfg: RunConfig, model, split: str | None = None):
                            device=device, show_progress=cfg.progress)
 
 
-def build_run(cfg: RunConfig, callbacks=None) -> tuple[Any, Any, Trainer]:
-    """(model, store, trainer) for `cfg`; the model is None when training from a disk cache."""
+def build_run(cfg: RunConfig, callbacks=None, parallel=None) -> tuple[Any, Any, Trainer]:
+    """(model, store, trainer) for `cfg`; the model is None when training from a disk cache.
+
+    With `parallel` (a `distributed.DataParallel`) the device is this rank's and the store serves its slice of each
+    global batch."""
     from .models import load_model
 
-    device = cfg.torch_device
+    device = cfg.torch_device if parallel is None else parallel.device
     model = None if cfg.cache else load_model(cfg.model, device=device)
-    store = build_store(cfg, model)
+    if parallel is None:
+        store = build_store(cfg, model)
+    else:
+        from .distributed import data_parallel_store
+
+        store = data_parallel_store(cfg, model, parallel, device)
     model_name = getattr(model, "sae_widgets_name", None) or (store.rows.describe().get("model") if cfg.cache else None)
     torch.manual_seed(cfg.seed)
     sae = SAE(cfg.sae_config(store.d_in, store.d_out, model_name)).to(device)
-    trainer = Trainer(sae, store, cfg.train_config(), callbacks=callbacks, metadata={"run_config": asdict(cfg)})
+    trainer = Trainer(sae, store, cfg.train_config(), callbacks=callbacks, metadata={"run_config": asdict(cfg)},
+                      parallel=parallel)
     return model, store, trainer
 
 
-def train_run(cfg: RunConfig, resume: bool = False, callbacks=None) -> dict[str, Any]:
-    """Train (or resume) the run, evaluate the result, write `metrics.json`; returns the metrics."""
+def train_run(cfg: RunConfig, resume: bool = False, callbacks=None, parallel=None) -> dict[str, Any] | None:
+    """Train (or resume) the run, evaluate the result, write `metrics.json`; returns the metrics.
+
+    Under torchrun the run is data-parallel (sae_widgets.distributed): rank 0 writes the files and evaluates, the other
+    ranks return None. A data-parallel run resumed without torchrun continues in this process as a world of one.
+    `parallel` (a `distributed.DataParallel`) overrides that choice.
+    """
+    from .distributed import FailureReport, data_parallel_for_run, mark_data_parallel
+
     out = Path(cfg.out)
     if not resume and (out / "checkpoints").exists():
         raise FileExistsError(f"{out} already holds a run; resume it with --resume {out} or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / RUN_CONFIG, asdict(cfg))
-    model, store, trainer = build_run(cfg, callbacks)
-    sae = trainer.run(resume=resume)
-    return evaluate_run(cfg, sae, model)
+    parallel = parallel or data_parallel_for_run(out, resume, torch.device(cfg.torch_device).type)
+    if parallel is not None and parallel.world_size > 1:
+        cfg = dataclasses.replace(cfg, progress=cfg.progress and parallel.is_writer)
+        callbacks = [*(callbacks or []), FailureReport(parallel, out)]
+    if parallel is None or parallel.is_writer:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / RUN_CONFIG, asdict(cfg))
+        if parallel is not None:
+            mark_data_parallel(out, parallel)
+    try:
+        model, store, trainer = build_run(cfg, callbacks, parallel)
+        sae = trainer.run(resume=resume)
+    except BaseException:
+        if parallel is not None:
+            parallel.close_after_error()
+        raise
+    if parallel is not None and not parallel.is_writer:
+        parallel.close()
+        return None
+    result = evaluate_run(cfg, sae, model)
+    if parallel is not None:
+        parallel.close()
+    return result
 
 
 def evaluate_run(cfg: RunConfig, sae: SAE, model=None, n_tokens: int | None = None) -> dict[str, Any]:
