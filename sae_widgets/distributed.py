@@ -95,6 +95,9 @@ class DataParallel:
                 raise ValueError(f"LOCAL_RANK={local} but only {n} CUDA device(s) are visible: start torchrun with "
                                  f"--nproc-per-node {n} or fewer (one process per GPU)")
             torch.cuda.set_device(local)
+            # NCCL's own choice for these 400 MB gradients was its low-latency protocol (RING_LL, 3.2 ms per tensor on
+            # 2 H200s: 1.68x weak scaling); Simple gave 1.78x (docs/benchmarks.md). A user's setting wins.
+            os.environ.setdefault("NCCL_PROTO", "Simple")
         started = not dist.is_initialized()
         if started:
             timeout = timeout_s if timeout_s is not None else float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
