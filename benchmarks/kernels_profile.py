@@ -21,6 +21,7 @@ def t(fn):
 
 SCATTER_ONLY = "--scatter-only" in __import__("sys").argv
 STEP_ONLY = "--step-only" in __import__("sys").argv  # only the whole-step profile
+SHAPES = "--shapes" in __import__("sys").argv  # also the eager step's torch ops by input shape
 
 
 def main():
@@ -81,6 +82,15 @@ def profile_step():
             tr.train_step()
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=80))
+    if SHAPES:  # the eager step's torch ops with their input shapes: which op launches which small kernel
+        tr.cfg.cuda_graph, tr._graph = False, None
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+            for _ in range(5):
+                tr.train_step()
+            torch.cuda.synchronize()
+        print(prof.key_averages(group_by_input_shape=True).table(sort_by="cuda_time_total", row_limit=70,
+                                                                 max_name_column_width=40, max_shapes_column_width=70))
+        return
     print(f"step ms: {t(tr.train_step):.3f}")
     import time
 

@@ -134,6 +134,11 @@ def geometric_median(x: torch.Tensor, iters: int = 100, eps: float = 1e-8) -> to
     return m.float()
 
 
+def squared_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of ‖a − b‖²: one fused kernel each way (a sub-pow-sum chain makes three passes over B × d)."""
+    return nn.functional.mse_loss(a, b, reduction="sum") / a.shape[0]
+
+
 class SAE(nn.Module):
     """An SAE (or transcoder) of any architecture in `ARCHS`; `forward(x) -> (x_hat, latents, aux)`."""
 
@@ -205,7 +210,9 @@ class SAE(nn.Module):
         """The Triton path: (x_c, values, indices, x̂ normalised) with no dense B × d_sae tensor."""
         from sae_widgets.kernels import LatentGrouping, SparseDecode, TopKEncode
 
-        x_c = self.encoder_input(x)
+        self._check_width(x, self.cfg.d_in, "input")
+        x_n = x.to(self.W_enc.dtype) * self.in_scale
+        x_c = x_n if self.cfg.is_transcoder else x_n - self.b_dec
         dtype = self.W_enc.dtype
         if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):  # kernels see bf16 operands, fp32 accumulation
             dtype = torch.bfloat16
@@ -217,7 +224,6 @@ class SAE(nn.Module):
             if int(counts.max()) > self.cfg.jumprelu_max_active:
                 return None  # a row has more active latents than the sparse form holds: use the exact dense path
         else:  # x_n and the centre go in separately: the backward then never needs a B × d_in input gradient
-            x_n = x.to(self.W_enc.dtype) * self.in_scale
             centre = None if self.cfg.is_transcoder else self.b_dec
             grouping = LatentGrouping(self.cfg.d_sae)  # one sort of the indices serves both backward passes
             values, indices = TopKEncode.apply(x_n, centre, self.W_enc, self.b_enc, self.cfg.k,
@@ -350,11 +356,11 @@ class SAE(nn.Module):
             f = self.select(z)
             x_hat_n = self.decode_normalized(f)
             fired, l0 = (f != 0).any(0), (f != 0).float().sum(-1).mean()
-        mse = ((x_hat_n - y_n) ** 2).sum(-1).mean()
+        mse = squared_error(x_hat_n, y_n)
         parts = {"mse": mse.detach(), "l0": l0.detach()}
         if arch == "matryoshka":  # sum of the reconstruction losses of every nested prefix (Bussmann et al. 2025)
             parts["mse_full"] = mse.detach()
-            mse = sum(((f[:, :m] @ self.W_dec[:m] + self.b_dec - y_n) ** 2).sum(-1).mean() for m in cfg.matryoshka_prefixes)
+            mse = sum(squared_error(f[:, :m] @ self.W_dec[:m] + self.b_dec, y_n) for m in cfg.matryoshka_prefixes)
             parts["mse"] = mse.detach()
         loss = mse
         if arch == "relu":  # λ Σ_i f_i ‖W_dec,i‖ (Anthropic, "Towards Monosemanticity" April 2024 update)
@@ -393,7 +399,7 @@ class SAE(nn.Module):
             from sae_widgets.kernels import SparseDecode
 
             e_hat = SparseDecode.apply(vals, dead[local].int(), self.W_dec, torch.zeros_like(self.b_dec))
-        return ((e_hat - residual) ** 2).sum(-1).mean()
+        return squared_error(e_hat, residual)
 
     def _decoder_kernels(self) -> bool:
         """The one-pass Triton upkeep of W_dec on CUDA (backend 'torch' keeps the PyTorch path everywhere)."""

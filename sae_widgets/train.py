@@ -286,9 +286,8 @@ class Trainer:
         self.sae.normalize_decoder()
         self.tokens_since_fired += n
         self.tokens_since_fired.masked_fill_(fired, 0)
-        if var is None:
-            target = (y if y is not None else x).float() * self.sae.out_scale
-            var = ((target - target.mean(0)) ** 2).sum(-1).mean()
+        if var is None:  # Σ_d of the per-dimension variance, in one fused pass (scaled after)
+            var = (y if y is not None else x).float().var(0, correction=0).sum() * self.sae.out_scale ** 2
         metrics = dict(parts)
         full = parts.get("mse_full", parts["mse"])  # matryoshka's "mse" sums its prefix losses
         metrics["explained_variance"] = 1.0 - full / var.clamp_min(1e-12)
