@@ -1,10 +1,9 @@
 """Every course notebook (`notebooks/NN_*.ipynb`, found when the tests are collected) follows the conventions of
 notebooks/README.md, runs with its default parameters, passes its own check cell, and exports to HTML.
 
-The quickstart (00) is executed by tests/test_quickstart.py, through the CLI that students use, which also checks its
-metrics JSON and HTML export; it is left out of the execution here so CI does not run it twice. The quickstart does
-not follow the conventions yet (no exercise, fewer parameters): its rewrite is still open in issue 7, so the
-conventions test covers 01-07 only, which `test_the_course_is_there` pins down."""
+The conventions test covers all of them, the quickstart (00) included. The quickstart is executed by
+tests/test_quickstart.py, through the CLI that students use, which also checks its metrics JSON and HTML export;
+it is left out of the execution here so CI does not run it twice."""
 from __future__ import annotations
 
 import ast
@@ -22,7 +21,7 @@ from sae_widgets.course import EXERCISE_PREFIX
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 ALL = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
 RUN_BY_TEST_QUICKSTART = {"00_quickstart.ipynb"}
-COURSE = [p for p in ALL if p.name not in RUN_BY_TEST_QUICKSTART]  # 00 predates the conventions (issue 7, open)
+RUN_HERE = [p for p in ALL if p.name not in RUN_BY_TEST_QUICKSTART]
 REQUIRED_PARAMETERS = ("model_name", "hook", "d_sae", "k", "n_tokens", "device", "seed", "metrics_path")
 
 
@@ -40,12 +39,13 @@ def check_cell(nb):
 
 
 def test_the_course_is_there():
-    assert ALL and ALL[0].name == "00_quickstart.ipynb", [p.name for p in ALL]
-    assert [p.name[:2] for p in COURSE] == [f"{i:02d}" for i in range(1, 8)], [p.name for p in COURSE]
+    assert [p.name[:2] for p in ALL] == [f"{i:02d}" for i in range(8)], [p.name for p in ALL]
+    assert ALL[0].name == "00_quickstart.ipynb" and ALL[0].name in RUN_BY_TEST_QUICKSTART
+    assert [p.name[:2] for p in RUN_HERE] == [f"{i:02d}" for i in range(1, 8)], [p.name for p in RUN_HERE]
     assert (Path(__file__).parent / "test_quickstart.py").is_file(), "00 is executed by tests/test_quickstart.py"
 
 
-@pytest.mark.parametrize("path", COURSE, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", ALL, ids=lambda p: p.stem)
 def test_notebook_follows_the_conventions(path):
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
@@ -79,7 +79,7 @@ def stream_lines(cell) -> list[str]:
     return [line for o in cell.outputs if o.output_type == "stream" for line in o.text.splitlines() if line.strip()]
 
 
-@pytest.mark.parametrize("path", [p for p in ALL if p.name not in RUN_BY_TEST_QUICKSTART], ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", RUN_HERE, ids=lambda p: p.stem)
 def test_notebook_runs_with_default_parameters_and_passes_its_checks(path, tmp_path):
     from nbconvert import HTMLExporter
 
