@@ -409,6 +409,7 @@ def test_acceptance_steering_a_latent_up_raises_it_and_ablating_it_lowers_it(mod
         up = float(mean_on_generated([LatentEdit(lat, "add", 2 * float(f_max[lat]))], [lat]))
         down = float(mean_on_generated([LatentEdit(lat, "ablate")], [lat]))
         scored.append((min(up - b, b - down) / b, lat))
+    assert max(scored)[0] > 0, f"no candidate both rose with add and fell with ablate on calibration: {scored}"
     latent = max(scored)[1]
     alpha = 2 * float(f_max[latent])
     assert base[latent] > 0.1, "the chosen latent fires on the baseline completions"
