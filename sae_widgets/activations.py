@@ -233,7 +233,22 @@ class CachedRows:
 
 
 # ----------------------------------------------------------------------------------------------- store
-class ActivationStore:
+class HookWidths:
+    """d_in / d_out of a batch stream whose rows are its hooks side by side (`d_hooks`): the first hook is the
+    SAE's input, the last its target (the same hook unless it is a transcoder's pair)."""
+
+    d_hooks: list[int]
+
+    @property
+    def d_in(self) -> int:
+        return self.d_hooks[0]
+
+    @property
+    def d_out(self) -> int:
+        return self.d_hooks[-1]
+
+
+class ActivationStore(HookWidths):
     """Shuffled batches of activations on the training device.
 
     `hooks` is one hook name (batches are tensors) or an (input, output) pair for transcoders (batches are
@@ -277,14 +292,6 @@ class ActivationStore:
                     buffer_size=buffer_size, shuffle=shuffle, seed=seed, device=device, dtype=dtype,
                     show_progress=show_progress, rows=rows)
         return store
-
-    @property
-    def d_in(self) -> int:
-        return self.d_hooks[0]
-
-    @property
-    def d_out(self) -> int:
-        return self.d_hooks[-1]
 
     @property
     def stop_at_layer(self) -> int | None:

@@ -54,7 +54,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .activations import ActivationStore, CachedRows, ModelRows
+from .activations import ActivationStore, CachedRows, HookWidths, ModelRows
 
 MARKER = "data_parallel.json"
 TIMEOUT_ENV = "SAE_WIDGETS_DIST_TIMEOUT_S"
@@ -403,7 +403,7 @@ class CacheRowNumbers:
         self.shard, self.epoch = state["shard"], state["epoch"]
 
 
-class RankShardedCache:
+class RankShardedCache(HookWidths):
     """This rank's slice of every global batch that `ActivationStore.from_cache` (same batch size, buffer and seed)
     would serve, read from the memory-mapped shards.
 
@@ -431,14 +431,6 @@ class RankShardedCache:
                                         initializer=torch.cuda.set_device if on_cuda else None,
                                         initargs=(self.device,) if on_cuda else ()) if prefetch else None
         self._ahead: tuple[torch.Tensor, Future | None] | None = None  # (global row numbers, read in flight)
-
-    @property
-    def d_in(self) -> int:
-        return self.d_hooks[0]
-
-    @property
-    def d_out(self) -> int:
-        return self.d_hooks[-1]
 
     def _read_ahead(self, global_rows: torch.Tensor) -> None:
         mine = global_rows[self._slice]

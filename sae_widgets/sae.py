@@ -210,9 +210,8 @@ class SAE(nn.Module):
         """The Triton path: (x_c, values, indices, x̂ normalised) with no dense B × d_sae tensor."""
         from sae_widgets.kernels import LatentGrouping, SparseDecode, TopKEncode
 
-        self._check_width(x, self.cfg.d_in, "input")
-        x_n = x.to(self.W_enc.dtype) * self.in_scale
-        x_c = x_n if self.cfg.is_transcoder else x_n - self.b_dec
+        x_n = self.normalized_input(x)
+        x_c = self.centred(x_n)
         dtype = self.W_enc.dtype
         if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):  # kernels see bf16 operands, fp32 accumulation
             dtype = torch.bfloat16
@@ -236,11 +235,18 @@ class SAE(nn.Module):
         return self._sparse_forward(x) if self.uses_triton(x) else None
 
     # ------------------------------------------------------------------------------------------ encode
-    def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
-        """x_n − b_dec (pre-encoder centring; transcoders skip it), in normalised units."""
+    def normalized_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x_n = x · in_scale, in the weights' dtype."""
         self._check_width(x, self.cfg.d_in, "input")
-        x_n = x.to(self.W_enc.dtype) * self.in_scale
+        return x.to(self.W_enc.dtype) * self.in_scale
+
+    def centred(self, x_n: torch.Tensor) -> torch.Tensor:
+        """x_n − b_dec (pre-encoder centring; transcoders skip it)."""
         return x_n if self.cfg.is_transcoder else x_n - self.b_dec
+
+    def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x_n − b_dec, in normalised units: what the encoder multiplies."""
+        return self.centred(self.normalized_input(x))
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         """z = W_encᵀ(x_n − b_dec) + b_enc, in normalised units."""
@@ -413,23 +419,23 @@ class SAE(nn.Module):
     def remove_parallel_grad(self) -> None:
         """Project out the gradient component along each decoder row, so Adam moves rows on the unit sphere."""
         if self.cfg.unit_norm_decoder and self.W_dec.grad is not None:
-            from sae_widgets.kernels import reference
-
             if self._decoder_kernels():
                 from sae_widgets.kernels import project_out_rows_
 
                 project_out_rows_(self.W_dec.grad, self.W_dec)
             else:
-                self.W_dec.grad.copy_(reference.project_out_rows_reference(self.W_dec.grad, self.W_dec))
+                from sae_widgets.kernels.reference import project_out_rows_reference
+
+                self.W_dec.grad.copy_(project_out_rows_reference(self.W_dec.grad, self.W_dec))
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
         if self.cfg.unit_norm_decoder:
-            from sae_widgets.kernels import reference
-
             if self._decoder_kernels():
                 from sae_widgets.kernels import normalize_rows_
 
                 normalize_rows_(self.W_dec)
             else:
-                self.W_dec.copy_(reference.normalize_rows_reference(self.W_dec))
+                from sae_widgets.kernels.reference import normalize_rows_reference
+
+                self.W_dec.copy_(normalize_rows_reference(self.W_dec))
