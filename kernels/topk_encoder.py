@@ -18,23 +18,7 @@ import math
 import triton
 import triton.language as tl
 
-from .topk_merge import INT64_MIN, merge_topk, next_pow2
-
-
-@triton.jit
-def pack_score(score, cols, neg):
-    """int64 key: the fp32 score's bits made order-preserving, then the inverted column (lower index wins ties),
-    then the sign of z (AbsTopK keeps it)."""
-    bits = score.to(tl.int32, bitcast=True)
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed-int order == float order
-    low = ((0x7FFFFFFF - cols).to(tl.int64) << 1) | neg.to(tl.int64)
-    return (ordered.to(tl.int64) << 32) | low
-
-
-@triton.jit
-def pack_keys(z, cols, valid, ABS: tl.constexpr):
-    key = pack_score(tl.abs(z) if ABS else z, cols, z < 0)
-    return tl.where(valid, key, -9223372036854775807 - 1)
+from .topk_merge import INT64_MIN, merge_topk, next_pow2, pack_keys, pack_score
 
 
 @triton.jit
@@ -53,16 +37,21 @@ def _dot_tile(x_ptr, w_ptr, rows, cols, B, D, N, sxb, sxd, swd, swn, BM: tl.cons
 
 
 @triton.jit
-def _tile_top_kernel(x_ptr, w_ptr, b_ptr, out_ptr, B, D, N, sxb, sxd, swd, swn, sob,
-                     ABS: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                     GROUP_M: tl.constexpr):
-    """One [BM, BN] tile of z; stores each row's R largest keys of the tile, largest first, at out[row, tile*R + r]."""
-    pid = tl.program_id(0)  # grouped launch order: GROUP_M row blocks share each W_enc tile while it is in L2
+def _grouped_tile(pid, B, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row block, column tile) of tile `pid`, in grouped order: GROUP_M row blocks share each W_enc tile while it
+    is in L2."""
     n_m, n_n = tl.cdiv(B, BM), tl.cdiv(N, BN)
     first_m = (pid // (GROUP_M * n_n)) * GROUP_M
     size_m = min(n_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * n_n)) % size_m
-    pid_n = (pid % (GROUP_M * n_n)) // size_m
+    return first_m + (pid % (GROUP_M * n_n)) % size_m, (pid % (GROUP_M * n_n)) // size_m
+
+
+@triton.jit
+def _tile_top(tile, x_ptr, w_ptr, b_ptr, out_ptr, B, D, N, sxb, sxd, swd, swn, sob,
+              ABS: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+              GROUP_M: tl.constexpr):
+    """One [BM, BN] tile of z; stores each row's R largest keys of the tile, largest first, at out[row, tile*R + r]."""
+    pid_m, pid_n = _grouped_tile(tile, B, N, BM, BN, GROUP_M)
     rows = pid_m * BM + tl.arange(0, BM)
     cols = pid_n * BN + tl.arange(0, BN)
     z = _dot_tile(x_ptr, w_ptr, rows, cols, B, D, N, sxb, sxd, swd, swn, BM, BN, BK)
@@ -79,6 +68,14 @@ def _tile_top_kernel(x_ptr, w_ptr, b_ptr, out_ptr, B, D, N, sxb, sxd, swd, swn, 
         key = tl.where(m == float("-inf"), -9223372036854775807 - 1, pack_score(m, pid_n * BN + j, neg))
         tl.store(out_ptr + rows.to(tl.int64) * sob + pid_n * R + r, key, mask=rows < B)
         score = tl.where(hit, float("-inf"), score)
+
+
+@triton.jit
+def _tile_top_kernel(x_ptr, w_ptr, b_ptr, out_ptr, B, D, N, sxb, sxd, swd, swn, sob,
+                     ABS: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                     GROUP_M: tl.constexpr):
+    _tile_top(tl.program_id(0), x_ptr, w_ptr, b_ptr, out_ptr, B, D, N, sxb, sxd, swd, swn, sob, ABS, R, BM, BN, BK,
+              GROUP_M)
 
 
 @triton.jit
@@ -128,10 +125,15 @@ def tiles_config(B: int, N: int, k: int, elem_bytes: int = 2) -> tuple[int, int,
     flagged rows' recomputation then costs little on average, and one more R costs little in stage 1."""
     bn = min(256 if k <= 64 else 128, max(16, next_pow2(N)))  # H100, bf16: 256 wide is fastest at k = 32
     bm, bk = 128, 64 if elem_bytes <= 2 else 32  # fp32 operands: half-depth K tiles keep 3 stages in shared memory
+    return bm, bn, bk, keys_per_tile(B, N, k, bn), 8, 3
+
+
+def keys_per_tile(B: int, N: int, k: int, bn: int) -> int:
+    """R for BN-wide tiles: the smallest count leaving under 0.05 flagged rows per call on average."""
     r = 1
     while r < min(k, bn) and B * math.comb(k, r) * (bn / N) ** (r - 1) > 0.05:
         r += 1
-    return bm, bn, bk, r, 8, 3
+    return r
 
 
 def scan_config(B: int, N: int, k: int, fallback: bool = False) -> tuple[int, int, int, int, int, int]:
@@ -161,9 +163,12 @@ def candidate_width(B: int, N: int, k: int, method: str = "auto", config=None, j
     return _chunking(N, chunks, bn)[1] * next_pow2(k)
 
 
+METHODS = ("auto", "tiles", "scan")
+
+
 def _method(method: str, N: int, k: int, jump: bool) -> str:
-    if method not in ("auto", "tiles", "scan"):
-        raise ValueError(f"method={method!r}; expected 'auto', 'tiles' or 'scan'")
+    if method not in METHODS:
+        raise ValueError(f"method={method!r}; expected one of {METHODS}")
     if jump:
         return "scan"  # JumpReLU's active set has no fixed size per tile
     return "tiles" if method == "auto" else method
@@ -204,13 +209,20 @@ def _tiles(x, w, b, absolute, config, keys_out=None):
     return keys, n_tiles
 
 
+def key_score(keys):
+    """The fp32 score packed in int64 keys (−inf for the empty key)."""
+    import torch
+
+    high = (keys >> 32).to(torch.int32)
+    score = (high ^ ((high >> 31) & 0x7FFFFFFF)).view(torch.float32)
+    return torch.where(keys == INT64_MIN, float("-inf"), score)
+
+
 def unpack_keys(top, absolute: bool):
     """Packed keys -> (values fp32, indices int32); TopK values are ReLU'd, AbsTopK's keep their sign."""
     import torch
 
-    high = (top >> 32).to(torch.int32)
-    bits = high ^ ((high >> 31) & 0x7FFFFFFF)
-    score = bits.view(torch.float32)
+    score = key_score(top)
     low = top & 0xFFFFFFFF
     idx = (0x7FFFFFFF - (low >> 1)).to(torch.int32)
     if absolute:
