@@ -66,7 +66,8 @@ class SparseDecode(torch.autograd.Function):
 
     `dtype` is the gather's operand type (bf16 under autocast): W_dec is cast inside, so its gradient comes back in
     W_dec's own dtype straight from the fp32 accumulation, not through a bf16 round trip.
-    Backward: ∂v = ⟨g, W_dec[idx]⟩; ∂W_dec only in the active rows; ∂b_dec = Σ_b g. Works in fp32 and bf16.
+    Backward: ∂v = ⟨g, W_dec[idx]⟩; ∂W_dec only in the active rows; ∂b_dec = Σ_b g. Works in fp32 and bf16; with
+    bf16 operands the gathers read g rounded to bf16 (autocast's dense backward does the same).
     """
 
     @staticmethod
@@ -80,8 +81,11 @@ class SparseDecode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         values, indices, w = ctx.saved_tensors
-        dv = gather_dot(g, indices, w) if ctx.needs_input_grad[0] else None
-        dw = scatter_outer(values, indices, g, w.shape[0], ctx.grouping(indices), out_dtype=ctx.w_dtype) \
+        # the gathers read g in the operand dtype, as autocast's dense backward does: scatter_outer reads each row
+        # of g once per selected latent (k times), so a bf16 g that stays in L2 halves its traffic
+        g_op = g.to(w.dtype) if w.element_size() < g.element_size() else g
+        dv = gather_dot(g_op, indices, w) if ctx.needs_input_grad[0] else None
+        dw = scatter_outer(values, indices, g_op, w.shape[0], ctx.grouping(indices), out_dtype=ctx.w_dtype) \
             if ctx.needs_input_grad[2] else None
         db = g.sum(0) if ctx.needs_input_grad[3] else None
         return dv, None, dw, db, None, None

@@ -94,3 +94,28 @@ def test_cuda_graph_run_resumes_from_a_checkpoint(tmp_path):
     rel = max(abs(a["loss"] - b["loss"]) / a["loss"] for a, b in zip(full.history[120:], resumed.history[120:]))
     print(f"resumed vs uninterrupted: max rel loss diff {rel:.2e}")
     assert rel < 2e-2, rel
+
+
+def test_the_cli_and_quickstart_configurations_train_through_the_kernels_on_cuda():
+    """Acceptance: backend 'auto' (the default of SAEConfig, RunConfig and so of the CLI and the quickstart) runs the
+    Triton kernels on CUDA, inside the captured step: the profiler must see the encoder and the sparse decoder."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from sae_widgets.runs import RunConfig
+
+    run = RunConfig(hook="blocks.1.hook_resid_post", d_sae=2048, k=16, tokens=4096 * 40, batch_size=4096,
+                    progress=False, device="cuda")
+    gen = SyntheticActivations(d_in=128, n_features=1024, mean_active=8, batch_size=4096, seed=0, device="cuda")
+    sae = SAE(run.sae_config(128, 128, "synthetic")).cuda()
+    assert sae.cfg.backend == "auto" and sae.uses_triton(torch.zeros(1, 128, device="cuda"))
+    tr = Trainer(sae, gen, run.train_config())
+    assert tr._graph is not None, "the TopK step on CUDA should be one CUDA graph"
+    tr._initialize()
+    for _ in range(3):
+        tr.train_step()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        tr.train_step()
+        torch.cuda.synchronize()
+    names = {e.key for e in prof.key_averages()}
+    for kernel in ("_tile_top_kernel", "_merge_kernel", "_gather_sum_kernel", "_scatter_outer_kernel"):
+        assert kernel in names, f"{kernel} did not run: {sorted(names)[:20]}"
