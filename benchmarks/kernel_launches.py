@@ -45,7 +45,7 @@ def sweep(K):
               ("scatter_outer (occurrences, columns per step, warps)", [None, (4, 1024, 2), (2, 1024, 2),
                                                                         (4, 1024, 1), (2, 1024, 1), (8, 1024, 1),
                                                                         (1, 1024, 1)],
-               lambda L: scatter_outer(v, i, g, N, tiles=L and L[:2], warps=L[2] if L else 4))]
+               lambda L: scatter_outer(v, i, g, N, launch=L))]
     for name, launches, fn in sweeps:
         for launch in launches:
             try:

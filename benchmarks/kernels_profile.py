@@ -1,5 +1,5 @@
-"""Where the Triton step's time goes: each kernel and torch op of a TopK SAE step timed alone, plus encoder tilings
-and a CUDA-time profile of the whole training step.
+"""Where the Triton step's time goes: each kernel and torch op of a TopK SAE step timed alone, and a CUDA-time profile
+of the whole training step. Launch shapes are swept by kernel_launches.py, encoder tilings by encoder_tilings.py.
 
     python benchmarks/kernels_profile.py      # d_in 768, d_sae 32,768, k 32, batch 16,384, bf16 operands
 """
@@ -19,7 +19,6 @@ def t(fn):
     return do_bench(fn, warmup=20, rep=100, return_mode="median")
 
 
-SCATTER_ONLY = "--scatter-only" in __import__("sys").argv
 STEP_ONLY = "--step-only" in __import__("sys").argv  # only the whole-step profile
 SHAPES = "--shapes" in __import__("sys").argv  # also the eager step's torch ops by input shape
 
@@ -54,18 +53,6 @@ def main():
     print("| op | ms |\n|---|---|")
     for name, ms in rows:
         print(f"| {name} | {ms:.3f} |")
-    print("\n| scatter_outer tiles (BT, BD) | ms |\n|---|---|")
-    for tiles in [(16, 128), (16, 512), (32, 512), (16, 1024), (32, 1024), (8, 1024), (64, 512)]:
-        print(f"| {tiles} | {t(lambda: scatter_outer(v, i, g, N, tiles=tiles)):.3f} |", flush=True)
-    if SCATTER_ONLY:
-        return
-    print("\n| tiles encoder (BM, BN, BK, R, warps, stages) | ms |\n|---|---|")
-    for cfg in [(128, 128, 64, 5, 8, 3), (128, 128, 64, 5, 4, 3), (128, 256, 64, 6, 8, 3), (128, 256, 64, 6, 8, 4),
-                (128, 256, 32, 6, 8, 4), (64, 256, 64, 6, 4, 3), (256, 128, 64, 5, 8, 3), (128, 256, 64, 7, 8, 3)]:
-        try:
-            print(f"| {cfg} | {t(lambda: encode_topk(x, w, b, K, config=cfg)):.3f} |", flush=True)
-        except Exception as e:  # a tiling that does not compile on this GPU
-            print(f"| {cfg} | failed: {type(e).__name__} |")
 
 
 def profile_step():
@@ -109,5 +96,4 @@ def profile_step():
 if __name__ == "__main__":
     if not STEP_ONLY:
         main()
-    if not SCATTER_ONLY:
-        profile_step()
+    profile_step()

@@ -105,16 +105,16 @@ def group_by_latent(indices, n_latents: int):
 
 
 def scatter_outer(coef, indices, rows, n_latents: int, grouping=None, out_dtype=torch.float32, out=None,
-                  tiles: tuple[int, int] | None = None, warps: int = 1):
+                  launch: tuple[int, int, int] | None = None):
+    """`launch` (occurrences per step, columns per program, warps) overrides the default for tuning runs."""
     B, K = indices.shape
     D = rows.shape[1]
     order, starts = grouping if grouping is not None else group_by_latent(indices, n_latents)
     coef, rows = coef.contiguous(), rows.contiguous()
     out = out if out is not None else torch.empty(n_latents, D, dtype=out_dtype, device=rows.device)
-    # whole rows per program (up to 1,024 columns), few occurrences per step: 3x faster than 16 × 128 on an H100
-    # (benchmarks/kernels_profile.py); `tiles` and `warps` override it for tuning runs
-    BD = min(1024, next_pow2(D))
-    BT, BD = tiles or (1, BD)  # one occurrence per step on one warp: 1.3x faster than 8 on 4 warps (H100, k 32 and 128)
+    # whole rows (up to 1,024 columns) per one-warp program, one occurrence per step: 3x faster than 16 × 128 tiles
+    # and 1.3x faster than 8 occurrences on 4 warps (H100, k 32 and 128; benchmarks/kernel_launches.py)
+    BT, BD, warps = launch or (1, min(1024, next_pow2(D)), 1)
     _scatter_outer_kernel[(n_latents, triton.cdiv(D, BD))](order, starts, coef, rows, out, K, D, rows.stride(0),
                                                           out.stride(0), out.stride(1), BT=BT, BD=BD,
                                                           num_warps=warps)

@@ -18,7 +18,23 @@ import math
 import triton
 import triton.language as tl
 
-from .topk_merge import INT64_MIN, merge_topk, next_pow2, pack_keys, pack_score
+from .topk_merge import INT64_MIN, merge_topk, next_pow2
+
+
+@triton.jit
+def pack_score(score, cols, neg):
+    """int64 key: the fp32 score's bits made order-preserving, then the inverted column (lower index wins ties),
+    then the sign of z (AbsTopK keeps it)."""
+    bits = score.to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed-int order == float order
+    low = ((0x7FFFFFFF - cols).to(tl.int64) << 1) | neg.to(tl.int64)
+    return (ordered.to(tl.int64) << 32) | low
+
+
+@triton.jit
+def pack_keys(z, cols, valid, ABS: tl.constexpr):
+    key = pack_score(tl.abs(z) if ABS else z, cols, z < 0)
+    return tl.where(valid, key, -9223372036854775807 - 1)
 
 
 @triton.jit
@@ -47,11 +63,11 @@ def _grouped_tile(pid, B, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.con
 
 
 @triton.jit
-def _tile_top(tile, x_ptr, w_ptr, b_ptr, out_ptr, B, D, N, sxb, sxd, swd, swn, sob,
-              ABS: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-              GROUP_M: tl.constexpr):
+def _tile_top_kernel(x_ptr, w_ptr, b_ptr, out_ptr, B, D, N, sxb, sxd, swd, swn, sob,
+                     ABS: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                     GROUP_M: tl.constexpr):
     """One [BM, BN] tile of z; stores each row's R largest keys of the tile, largest first, at out[row, tile*R + r]."""
-    pid_m, pid_n = _grouped_tile(tile, B, N, BM, BN, GROUP_M)
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), B, N, BM, BN, GROUP_M)
     rows = pid_m * BM + tl.arange(0, BM)
     cols = pid_n * BN + tl.arange(0, BN)
     z = _dot_tile(x_ptr, w_ptr, rows, cols, B, D, N, sxb, sxd, swd, swn, BM, BN, BK)
@@ -68,14 +84,6 @@ def _tile_top(tile, x_ptr, w_ptr, b_ptr, out_ptr, B, D, N, sxb, sxd, swd, swn, s
         key = tl.where(m == float("-inf"), -9223372036854775807 - 1, pack_score(m, pid_n * BN + j, neg))
         tl.store(out_ptr + rows.to(tl.int64) * sob + pid_n * R + r, key, mask=rows < B)
         score = tl.where(hit, float("-inf"), score)
-
-
-@triton.jit
-def _tile_top_kernel(x_ptr, w_ptr, b_ptr, out_ptr, B, D, N, sxb, sxd, swd, swn, sob,
-                     ABS: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                     GROUP_M: tl.constexpr):
-    _tile_top(tl.program_id(0), x_ptr, w_ptr, b_ptr, out_ptr, B, D, N, sxb, sxd, swd, swn, sob, ABS, R, BM, BN, BK,
-              GROUP_M)
 
 
 @triton.jit

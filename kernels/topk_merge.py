@@ -16,22 +16,6 @@ INT64_MIN = -(2 ** 63)
 
 
 @triton.jit
-def pack_score(score, cols, neg):
-    """int64 key: the fp32 score's bits made order-preserving, then the inverted column (lower index wins ties),
-    then the sign of z (AbsTopK keeps it)."""
-    bits = score.to(tl.int32, bitcast=True)
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed-int order == float order
-    low = ((0x7FFFFFFF - cols).to(tl.int64) << 1) | neg.to(tl.int64)
-    return (ordered.to(tl.int64) << 32) | low
-
-
-@triton.jit
-def pack_keys(z, cols, valid, ABS: tl.constexpr):
-    key = pack_score(tl.abs(z) if ABS else z, cols, z < 0)
-    return tl.where(valid, key, -9223372036854775807 - 1)
-
-
-@triton.jit
 def _merge_rows(keys_ptr, top_ptr, flags_out_ptr, rows, B, T, R, k, skb, stb,
                 FLAG_LAST: tl.constexpr, KP: tl.constexpr, TP: tl.constexpr, BM: tl.constexpr):
     rmask = rows < B

@@ -267,6 +267,10 @@ def test_browser_row_click_opens_that_dashboard(big_stats):
         w.selected_latent = 16_384
     with pytest.raises(traitlets.TraitError, match="sort_by='size' is not one of"):
         w.sort_by = "size"
+    with pytest.raises(traitlets.TraitError, match=r"sort_by='size' is not one of \('latent', 'density'"):
+        FeatureBrowser(big_stats, sort_by="size")  # the constructor goes through the same validation
+    with pytest.raises(traitlets.TraitError, match="page_size=0 must be >= 1"):
+        FeatureBrowser(big_stats, page_size=0)
 
 
 # ------------------------------------------------------------------------------------------ static fallback

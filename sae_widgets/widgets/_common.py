@@ -125,6 +125,13 @@ def jsonable(obj: Any) -> Any:
     raise TypeError(f"cannot send a {type(obj).__name__} to the widget front-end: {obj!r}")
 
 
+def check_choice(name: str, value, choices) -> object:
+    """A traitlet's validation against a fixed set of values."""
+    if value not in choices:
+        raise traitlets.TraitError(f"{name}={value!r} is not one of {tuple(choices)}")
+    return value
+
+
 def check_optional_index(name: str, i: int, n: int) -> int:
     """A selection traitlet's validation: -1 (none) or a position in 0..n-1."""
     if not -1 <= i < n:

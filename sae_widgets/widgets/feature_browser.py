@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import traitlets
 
-from ._common import LiveStaticWidget, jsonable, widget_css, widget_esm
+from ._common import LiveStaticWidget, check_choice, jsonable, widget_css, widget_esm
 from .feature_dashboard import check_optional_latent, feature_payload
 from .latent_table import SORT_KEYS, LatentTable
 from .static_html import dashboard_html, latent_table_html
@@ -38,10 +38,6 @@ class FeatureBrowser(LiveStaticWidget):
     def __init__(self, stats, *, page_size: int = 25, sort_by: str = "density", descending: bool = True, **kwargs):
         self.stats = stats
         self.table = LatentTable(stats.columns())
-        if sort_by not in SORT_KEYS:
-            raise ValueError(f"sort_by={sort_by!r} is not one of {SORT_KEYS}")
-        if page_size < 1:
-            raise ValueError(f"page_size={page_size} must be >= 1")
         super().__init__(n_latents=len(self.table), page_size=page_size, sort_by=sort_by, descending=descending,
                          **kwargs)
         self.observe(self._requery, names=list(QUERY_TRAITS))
@@ -49,9 +45,7 @@ class FeatureBrowser(LiveStaticWidget):
 
     @traitlets.validate("sort_by")
     def _check_sort(self, proposal):
-        if proposal["value"] not in SORT_KEYS:
-            raise traitlets.TraitError(f"sort_by={proposal['value']!r} is not one of {SORT_KEYS}")
-        return proposal["value"]
+        return check_choice("sort_by", proposal["value"], SORT_KEYS)
 
     @traitlets.validate("page_size")
     def _check_page_size(self, proposal):

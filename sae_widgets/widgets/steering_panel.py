@@ -13,7 +13,7 @@ import traitlets
 
 from ..steering import POSITION_KEYWORDS, LatentEdit, check_sae_fits, latent_activations
 from ..steering_report import steer
-from ._common import LiveStaticWidget, check_optional_index, esc, fmt, jsonable, widget_css, widget_esm
+from ._common import LiveStaticWidget, check_choice, check_optional_index, esc, fmt, jsonable, widget_css, widget_esm
 from .feature_dashboard import check_latent
 from .static_html import color_scale, tokens_html
 
@@ -68,9 +68,7 @@ class SteeringPanel(LiveStaticWidget):
     # -- validation of the settings
     @traitlets.validate("positions")
     def _check_positions(self, proposal):
-        if proposal["value"] not in POSITION_KEYWORDS:
-            raise traitlets.TraitError(f"positions={proposal['value']!r} is not one of {POSITION_KEYWORDS}")
-        return proposal["value"]
+        return check_choice("positions", proposal["value"], POSITION_KEYWORDS)
 
     @traitlets.validate("selected")
     def _check_selected(self, proposal):
