@@ -53,21 +53,16 @@ def _dot_tile(x_ptr, w_ptr, rows, cols, B, D, N, sxb, sxd, swd, swn, BM: tl.cons
 
 
 @triton.jit
-def _grouped_tile(pid, B, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
-    """(row block, column tile) of tile `pid`, in grouped order: GROUP_M row blocks share each W_enc tile while it
-    is in L2."""
-    n_m, n_n = tl.cdiv(B, BM), tl.cdiv(N, BN)
-    first_m = (pid // (GROUP_M * n_n)) * GROUP_M
-    size_m = min(n_m - first_m, GROUP_M)
-    return first_m + (pid % (GROUP_M * n_n)) % size_m, (pid % (GROUP_M * n_n)) // size_m
-
-
-@triton.jit
 def _tile_top_kernel(x_ptr, w_ptr, b_ptr, out_ptr, B, D, N, sxb, sxd, swd, swn, sob,
                      ABS: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                      GROUP_M: tl.constexpr):
     """One [BM, BN] tile of z; stores each row's R largest keys of the tile, largest first, at out[row, tile*R + r]."""
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), B, N, BM, BN, GROUP_M)
+    pid = tl.program_id(0)  # grouped launch order: GROUP_M row blocks share each W_enc tile while it is in L2
+    n_m, n_n = tl.cdiv(B, BM), tl.cdiv(N, BN)
+    first_m = (pid // (GROUP_M * n_n)) * GROUP_M
+    size_m = min(n_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * n_n)) % size_m
+    pid_n = (pid % (GROUP_M * n_n)) // size_m
     rows = pid_m * BM + tl.arange(0, BM)
     cols = pid_n * BN + tl.arange(0, BN)
     z = _dot_tile(x_ptr, w_ptr, rows, cols, B, D, N, sxb, sxd, swd, swn, BM, BN, BK)
@@ -171,12 +166,9 @@ def candidate_width(B: int, N: int, k: int, method: str = "auto", config=None, j
     return _chunking(N, chunks, bn)[1] * next_pow2(k)
 
 
-METHODS = ("auto", "tiles", "scan")
-
-
 def _method(method: str, N: int, k: int, jump: bool) -> str:
-    if method not in METHODS:
-        raise ValueError(f"method={method!r}; expected one of {METHODS}")
+    if method not in ("auto", "tiles", "scan"):
+        raise ValueError(f"method={method!r}; expected 'auto', 'tiles' or 'scan'")
     if jump:
         return "scan"  # JumpReLU's active set has no fixed size per tile
     return "tiles" if method == "auto" else method
@@ -217,20 +209,13 @@ def _tiles(x, w, b, absolute, config, keys_out=None):
     return keys, n_tiles
 
 
-def key_score(keys):
-    """The fp32 score packed in int64 keys (−inf for the empty key)."""
-    import torch
-
-    high = (keys >> 32).to(torch.int32)
-    score = (high ^ ((high >> 31) & 0x7FFFFFFF)).view(torch.float32)
-    return torch.where(keys == INT64_MIN, float("-inf"), score)
-
-
 def unpack_keys(top, absolute: bool):
     """Packed keys -> (values fp32, indices int32); TopK values are ReLU'd, AbsTopK's keep their sign."""
     import torch
 
-    score = key_score(top)
+    high = (top >> 32).to(torch.int32)
+    bits = high ^ ((high >> 31) & 0x7FFFFFFF)
+    score = bits.view(torch.float32)
     low = top & 0xFFFFFFFF
     idx = (0x7FFFFFFF - (low >> 1)).to(torch.int32)
     if absolute:
