@@ -17,6 +17,9 @@ B, D, N, K = 16384, 768, 32768, 32
 
 
 def main():
+    x = torch.randn(B, D, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(D, N, device="cuda") / D ** 0.5).bfloat16()
+    b = torch.zeros(N, device="cuda")
     props = torch.cuda.get_device_properties(0)
     print(f"device: {props.name}; B {B}, d_in {D}, d_sae {N}, k {K}, bf16; bare matmul "
           f"{do_bench(lambda: x @ w, warmup=10, rep=50, return_mode='median'):.3f} ms\n")
@@ -44,10 +47,6 @@ def main():
         except Exception as e:  # a tiling that does not compile or fit on this GPU
             print(f"| {bm} | {bn} | {bk} | {r} | {warps} | {stages} | failed: {type(e).__name__}: {str(e)[:80]} |")
 
-
-x = torch.randn(B, D, device="cuda", dtype=torch.bfloat16)
-w = (torch.randn(D, N, device="cuda") / D ** 0.5).bfloat16()
-b = torch.zeros(N, device="cuda")
 
 if __name__ == "__main__":
     main()

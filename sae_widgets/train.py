@@ -255,7 +255,7 @@ class Trainer:
 
         `n_dead` is the dead-latent list's size (padded with −1 when it is a graph's fixed capacity).
         """
-        cfg = self.cfg
+        cfg, target = self.cfg, (y if y is not None else x)
         dead = padded_dead_latents(self.tokens_since_fired, cfg.dead_window_tokens, n_dead)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.autocast_bf16 and self.device.type == "cuda",
                             cache_enabled=False):
@@ -267,8 +267,8 @@ class Trainer:
         else:  # data-parallel: gradients averaged over ranks during backward; loss, metrics, fired mask made global
             with self.parallel.averaging_gradients(self.sae.parameters()):
                 loss.backward()
-            target = (y if y is not None else x).float() * self.sae.out_scale
-            parts, fired, var = self.parallel.reduce_step_stats(self.sae, parts, fired, target)
+            target_n = target.float() * self.sae.out_scale
+            parts, fired, var = self.parallel.reduce_step_stats(self.sae, parts, fired, target_n)
             loss, n = parts["loss"], n * self.parallel.world_size  # n: tokens in the global batch
         self.sae.remove_parallel_grad()
         params = [p for p in self.sae.parameters() if p.grad is not None]
@@ -287,7 +287,7 @@ class Trainer:
         self.tokens_since_fired += n
         self.tokens_since_fired.masked_fill_(fired, 0)
         if var is None:  # Σ_d of the per-dimension variance, in one fused pass (scaled after)
-            var = (y if y is not None else x).float().var(0, correction=0).sum() * self.sae.out_scale ** 2
+            var = target.float().var(0, correction=0).sum() * self.sae.out_scale ** 2
         metrics = dict(parts)
         full = parts.get("mse_full", parts["mse"])  # matryoshka's "mse" sums its prefix losses
         metrics["explained_variance"] = 1.0 - full / var.clamp_min(1e-12)
