@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 from triton.testing import do_bench
 
-from sae_widgets.kernels import encode_topk, gather_dot, gather_sum, scatter_outer
+from sae_widgets.kernels.sparse_ops import gather_dot, gather_sum, scatter_outer
+from sae_widgets.kernels.topk_encoder import encode_topk
 from sae_widgets.kernels.topk_encoder import _tiles, tiles_config
 from sae_widgets.kernels.topk_merge import merge_topk
 

@@ -70,7 +70,7 @@ def measure(backend, d_sae, k, batch, bf16):
 
 
 def decode_sweep(d_sae=32768, k=32):
-    from sae_widgets.kernels import SparseDecode
+    from sae_widgets.kernels.autograd import SparseDecode
 
     print(f"\n### Decode forward+backward, sparse (gather kernels) vs dense (f @ W_dec), d_sae {d_sae}, k {k}, bf16\n")
     print("| batch | sparse ms | dense ms | dense/sparse | active latents (union) |")

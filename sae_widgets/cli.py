@@ -23,8 +23,8 @@ class UsageError(Exception):
 
 
 def packaged_notebook(name: str = QUICKSTART) -> Path:
-    """The pristine copy shipped in the package (`notebooks/` is installed as `sae_widgets.notebooks`)."""
-    return Path(str(resources.files("sae_widgets.notebooks") / name))
+    """The pristine copy shipped in the package (`notebooks/` is installed as `sae_widgets/notebooks`)."""
+    return Path(str(resources.files("sae_widgets") / "notebooks" / name))
 
 
 def notebook_parameters(path: Path) -> dict:

@@ -23,8 +23,8 @@ class CourseError(ValueError):
 
 
 def packaged_notebooks() -> Path:
-    """The notebooks shipped in the package (`notebooks/` is installed as `sae_widgets.notebooks`)."""
-    return Path(str(resources.files("sae_widgets.notebooks")))
+    """The notebooks shipped in the package (`notebooks/` is installed as `sae_widgets/notebooks`)."""
+    return Path(str(resources.files("sae_widgets") / "notebooks"))
 
 
 def exercise_task(cell, where: str) -> str:

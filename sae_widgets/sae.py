@@ -199,7 +199,7 @@ class SAE(nn.Module):
         if not kernel_arch:
             raise ValueError(f"backend='triton' has kernels for {TRITON_ARCHS}, not arch={arch!r}; use backend='auto' "
                              f"or 'torch' (the PyTorch path)")
-        from sae_widgets.kernels import triton_runnable
+        from sae_widgets.kernels.runtime import triton_runnable
 
         if not triton_runnable(x.device):
             raise RuntimeError(f"backend='triton' needs a CUDA device (tensors are on {x.device}) or the Triton "
@@ -208,7 +208,7 @@ class SAE(nn.Module):
 
     def _sparse_forward(self, x: torch.Tensor):
         """The Triton path: (x_c, values, indices, x̂ normalised) with no dense B × d_sae tensor."""
-        from sae_widgets.kernels import LatentGrouping, SparseDecode, TopKEncode
+        from sae_widgets.kernels.autograd import LatentGrouping, SparseDecode, TopKEncode
 
         x_n = self.normalized_input(x)
         x_c = self.centred(x_n)
@@ -216,7 +216,7 @@ class SAE(nn.Module):
         if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):  # kernels see bf16 operands, fp32 accumulation
             dtype = torch.bfloat16
         if self.cfg.arch == "jumprelu":  # inference only (no autograd): the active latents in sparse form
-            from sae_widgets.kernels import encode_topk
+            from sae_widgets.kernels.topk_encoder import encode_topk
 
             values, indices, counts = encode_topk(x_c.to(dtype), self.W_enc.to(dtype), self.b_enc,
                                                   self.cfg.jumprelu_max_active, theta=self.threshold_theta)
@@ -402,7 +402,7 @@ class SAE(nn.Module):
         if z.numel() <= 2 ** 28 or not self.uses_triton(x_c):  # few dead latents: one small dense product wins
             e_hat = torch.zeros_like(z).scatter(-1, local, vals) @ self.W_dec[dead]
         else:  # many dead latents on the Triton path: gather rows instead of a B × n_dead matrix
-            from sae_widgets.kernels import SparseDecode
+            from sae_widgets.kernels.autograd import SparseDecode
 
             e_hat = SparseDecode.apply(vals, dead[local].int(), self.W_dec, torch.zeros_like(self.b_dec))
         return squared_error(e_hat, residual)
@@ -411,7 +411,7 @@ class SAE(nn.Module):
         """The one-pass Triton upkeep of W_dec on CUDA (backend 'torch' keeps the PyTorch path everywhere)."""
         if self.cfg.backend == "torch" or self.W_dec.device.type != "cuda":
             return False
-        from sae_widgets.kernels import triton_runnable
+        from sae_widgets.kernels.runtime import triton_runnable
 
         return triton_runnable(self.W_dec.device)
 
@@ -420,7 +420,7 @@ class SAE(nn.Module):
         """Project out the gradient component along each decoder row, so Adam moves rows on the unit sphere."""
         if self.cfg.unit_norm_decoder and self.W_dec.grad is not None:
             if self._decoder_kernels():
-                from sae_widgets.kernels import project_out_rows_
+                from sae_widgets.kernels.decoder_rows import project_out_rows_
 
                 project_out_rows_(self.W_dec.grad, self.W_dec)
             else:
@@ -432,7 +432,7 @@ class SAE(nn.Module):
     def normalize_decoder(self) -> None:
         if self.cfg.unit_norm_decoder:
             if self._decoder_kernels():
-                from sae_widgets.kernels import normalize_rows_
+                from sae_widgets.kernels.decoder_rows import normalize_rows_
 
                 normalize_rows_(self.W_dec)
             else:

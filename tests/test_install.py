@@ -18,7 +18,7 @@ def test_wheel_contains_the_mapped_folders_and_assets(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     (wheel,) = tmp_path.glob("sae_widgets-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for must in ["sae_widgets/kernels/__init__.py", "sae_widgets/kernels/topk_merge.py", "sae_widgets/js/README.md",
+    for must in ["sae_widgets/kernels/autograd.py", "sae_widgets/kernels/runtime.py", "sae_widgets/kernels/topk_merge.py", "sae_widgets/js/README.md",
                  "sae_widgets/js/common.js", "sae_widgets/js/feature_dashboard.js", "sae_widgets/js/widgets.css",
                  "sae_widgets/widgets/__init__.py", "sae_widgets/notebooks/00_quickstart.ipynb",
                  "sae_widgets/assets/models/sotu-moby-4l/model.safetensors",

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sae_widgets.kernels import SparseDecode, TopKEncode, encode_topk, gather_dot, gather_sum, scatter_outer
+from sae_widgets.kernels.autograd import SparseDecode, TopKEncode
+from sae_widgets.kernels.sparse_ops import gather_dot, gather_sum, scatter_outer
+from sae_widgets.kernels.topk_encoder import encode_topk
 from sae_widgets.kernels import reference as ref
 from sae_widgets.kernels.topk_encoder import _tiles, candidate_width
 from sae_widgets.kernels.topk_merge import merge_topk
@@ -209,7 +211,7 @@ def test_jumprelu_sae_inference_on_the_kernels_equals_the_dense_path():
 @pytest.mark.parametrize("d", [24, 2500])  # one chunk per row, and rows longer than a chunk (the kernels loop)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_decoder_row_upkeep_kernels_match_references(d, dtype):
-    from sae_widgets.kernels import normalize_rows_, project_out_rows_
+    from sae_widgets.kernels.decoder_rows import normalize_rows_, project_out_rows_
 
     g = torch.Generator().manual_seed(2)
     w = torch.randn(5, d, generator=g, dtype=torch.float64)

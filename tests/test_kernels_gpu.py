@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sae_widgets.kernels import SparseDecode, TopKEncode, encode_topk, gather_dot, gather_sum, scatter_outer
+from sae_widgets.kernels.autograd import SparseDecode, TopKEncode
+from sae_widgets.kernels.sparse_ops import gather_dot, gather_sum, scatter_outer
+from sae_widgets.kernels.topk_encoder import encode_topk
 from sae_widgets.kernels import reference as ref
 from sae_widgets.kernels.topk_encoder import candidate_width
 
@@ -131,7 +133,7 @@ def test_jumprelu_variant_gpu(dtype, k_max):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("d", [768, 3000])
 def test_decoder_row_upkeep_gpu(dtype, d):
-    from sae_widgets.kernels import normalize_rows_, project_out_rows_
+    from sae_widgets.kernels.decoder_rows import normalize_rows_, project_out_rows_
 
     w = torch.randn(32768, d, device="cuda", dtype=torch.float64)
     w_unit = ref.normalize_rows_reference(w)

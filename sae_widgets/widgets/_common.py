@@ -27,7 +27,7 @@ MAX_ALPHA = 0.85                 # the strongest colour still leaves black text 
 
 @lru_cache(maxsize=None)
 def _js_file(name: str) -> str:
-    return (resources.files("sae_widgets.js") / name).read_text(encoding="utf-8")
+    return (resources.files("sae_widgets") / "js" / name).read_text(encoding="utf-8")
 
 
 def widget_esm(name: str) -> str:
