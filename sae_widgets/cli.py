@@ -144,7 +144,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
         raise UsageError(f"--hook given {len(args.hook)} times: one hook, or two (input, output) for transcoders")
     try:
         source = TextFiles(args.text) if args.text else EmbeddedCorpus(args.split)
-        model = load_model(args.model, device=args.device)
+        model = load_model(args.model, device=args.device, dtype=args.model_dtype)
         hooks = args.hook[0] if len(args.hook) == 1 else tuple(args.hook)
         out = write_activation_cache(model, hooks, args.out, n_tokens=args.tokens, source=source, n_ctx=args.n_ctx,
                                      model_batch_size=args.model_batch_size, seed=args.seed)
@@ -161,8 +161,10 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
     import dataclasses
     import typing
 
-    from .runs import RunConfig
+    from .models import MODEL_DTYPES
+    from .runs import SAE_DTYPES, RunConfig
 
+    choices = {"sae_dtype": SAE_DTYPES, "model_dtype": tuple(MODEL_DTYPES)}
     hints = typing.get_type_hints(RunConfig)
     for f in dataclasses.fields(RunConfig):
         flag, hint = "--" + f.name.replace("_", "-"), hints[f.name]
@@ -174,7 +176,8 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, dest=f.name, type=int, nargs="+", default=None)
         else:
             shown = "required" if f.default is dataclasses.MISSING else f"default: {f.default}"
-            parser.add_argument(flag, dest=f.name, type=kind, default=None, help=f"({shown})")
+            parser.add_argument(flag, dest=f.name, type=kind, default=None, choices=choices.get(f.name),
+                                help=f"({shown})")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -235,7 +238,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                             d_sae=sae.cfg.d_sae, k=sae.cfg.k, out=str(folder))
         cfg = dataclasses.replace(cfg, out=str(folder), device=args.device or "cpu", progress=False,
                                   **({"cache": args.cache} if args.cache else {}))
-        model = None if cfg.cache else load_model(cfg.model, device=cfg.device)
+        model = None if cfg.cache else load_model(cfg.model, device=cfg.device, dtype=cfg.model_dtype)
         result = evaluate_run(cfg, sae, model, n_tokens=args.tokens)
     except (ValueError, FileNotFoundError) as e:
         raise UsageError(str(e)) from e
@@ -318,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model-batch-size", type=int, default=32, help="contexts per forward pass (default 32)")
     c.add_argument("--seed", type=int, default=0, help="recorded in the manifest; the default shuffle seed")
     c.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    c.add_argument("--model-dtype", default="float32", help="the language model's weights: float32 (default), "
+                   "bfloat16 or float16")
 
     t = sub.add_parser("train", help="train an SAE or transcoder headless (progress bar, checkpoints, metrics)",
                        description="Train an SAE on a model's activations. Settings come from flags and/or a JSON "

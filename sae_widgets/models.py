@@ -14,6 +14,16 @@ import torch
 
 DEFAULT_MODEL = "sotu-moby-4l"
 EMBEDDED_MODELS = (DEFAULT_MODEL,)
+MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def model_dtype(name: str | torch.dtype) -> torch.dtype:
+    """The torch dtype for a model dtype given by name ('float32', 'bfloat16', 'float16') or as a torch dtype."""
+    if isinstance(name, torch.dtype) and name in MODEL_DTYPES.values():
+        return name
+    if name not in MODEL_DTYPES:
+        raise ValueError(f"model dtype {name!r} is not one of {sorted(MODEL_DTYPES)}")
+    return MODEL_DTYPES[name]
 
 
 def embedded_model_dir(name: str = DEFAULT_MODEL) -> Path:
@@ -54,7 +64,7 @@ def resolve_model_source(name: str | os.PathLike | None = None) -> str:
 
 
 def load_model(name: str | os.PathLike | None = None, *, device: str | torch.device | None = None,
-               dtype: torch.dtype = torch.float32):
+               dtype: str | torch.dtype = torch.float32):
     """A `TransformerBridge` for `name` (None = the embedded default model), in eval mode.
 
     The returned model speaks the classic hook API (`run_with_hooks`, `run_with_cache`, `blocks.L.hook_resid_post`, ...).
@@ -63,7 +73,7 @@ def load_model(name: str | os.PathLike | None = None, *, device: str | torch.dev
 
     source = resolve_model_source(name)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = TransformerBridge.boot_transformers(source, device=device, dtype=dtype)
+    model = TransformerBridge.boot_transformers(source, device=device, dtype=model_dtype(dtype))
     model.eval()
     model.sae_widgets_source = source  # recorded in activation-cache manifests
     model.sae_widgets_name = str(name) if name is not None else DEFAULT_MODEL

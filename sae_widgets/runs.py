@@ -19,6 +19,7 @@ from .sae import SAE, SAEConfig
 from .train import Trainer, TrainConfig
 
 RUN_CONFIG = "run_config.json"
+SAE_DTYPES = ("auto", "float32", "bfloat16")
 
 
 @dataclass
@@ -48,11 +49,19 @@ class RunConfig:
     eval_tokens: int = 65536
     seed: int = 0
     device: str | None = None
+    # "auto": bf16 autocast on CUDA (fp32 master weights, as sparsify trains), fp32 on CPU; or "float32" / "bfloat16"
+    sae_dtype: str = "auto"
+    model_dtype: str = "float32"       # the language model's weights: float32, bfloat16 or float16
     progress: bool = True
 
     def __post_init__(self):
         if self.arch in ("relu", "jumprelu"):
             self.k = None
+        if self.sae_dtype not in SAE_DTYPES:
+            raise ValueError(f"sae_dtype={self.sae_dtype!r} is not one of {SAE_DTYPES}")
+        from .models import model_dtype
+
+        model_dtype(self.model_dtype)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
@@ -65,7 +74,9 @@ class RunConfig:
             path = path / RUN_CONFIG
         if not path.is_file():
             raise FileNotFoundError(f"no run config at {path}")
-        return cls.from_dict(read_json(path))
+        d = read_json(path)
+        d.setdefault("sae_dtype", "float32")  # runs from before this field trained in fp32, and resume in fp32
+        return cls.from_dict(d)
 
     @property
     def torch_device(self) -> str:
@@ -80,8 +91,17 @@ class RunConfig:
     def train_config(self) -> TrainConfig:
         return TrainConfig(total_tokens=self.tokens, lr=self.lr, lr_warmup_steps=self.lr_warmup_steps,
                            dead_window_tokens=self.dead_window_tokens, checkpoint_every=self.checkpoint_every,
-                           seed=self.seed, out_dir=self.out, progress=self.progress,
+                           seed=self.seed, out_dir=self.out, progress=self.progress, autocast_bf16=self.sae_bf16,
                            init_tokens=min(16384, max(self.batch_size, self.tokens // 8)))
+
+    @property
+    def sae_bf16(self) -> bool:
+        """Whether the SAE trains under bf16 autocast: 'auto' means on CUDA; 'bfloat16' needs CUDA."""
+        cuda = torch.device(self.torch_device).type == "cuda"
+        if self.sae_dtype == "bfloat16" and not cuda:
+            raise ValueError(f"sae_dtype='bfloat16' trains under CUDA autocast, but the device is {self.torch_device}; "
+                             f"use sae_dtype='auto' or 'float32' on CPU")
+        return self.sae_dtype == "bfloat16" or (self.sae_dtype == "auto" and cuda)
 
 
 def build_store(cfg: RunConfig, model, split: str | None = None):
@@ -106,7 +126,7 @@ def build_run(cfg: RunConfig, callbacks=None, parallel=None) -> tuple[Any, Any, 
     from .models import load_model
 
     device = cfg.torch_device if parallel is None else parallel.device
-    model = None if cfg.cache else load_model(cfg.model, device=device)
+    model = None if cfg.cache else load_model(cfg.model, device=device, dtype=cfg.model_dtype)
     if parallel is None:
         store = build_store(cfg, model)
     else:

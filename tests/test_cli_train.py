@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -73,3 +74,29 @@ def test_train_from_config_file_and_bad_input(tmp_path):
     assert arch.returncode == 2 and "arch='gated' is not one of" in arch.stderr
     missing = train("--arch", "topk")
     assert missing.returncode == 2 and "--hook is required" in missing.stderr
+
+
+def test_precision_flags_reach_the_model_and_the_trainer(tmp_path):
+    from sae_widgets.runs import RunConfig, build_run
+
+    base = dict(hook="blocks.0.hook_resid_post", d_sae=64, k=4, n_ctx=16, batch_size=64, buffer_size=256,
+                model_batch_size=4, tokens=640, progress=False, device="cpu", out=str(tmp_path / "run"))
+    model, store, trainer = build_run(RunConfig(**base, model_dtype="bfloat16"))
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    x = store.next_batch()
+    assert x.dtype == torch.float32 and torch.isfinite(x).all()  # the store hands the SAE fp32 rows
+    assert trainer.cfg.autocast_bf16 is False  # "auto" on CPU is fp32
+    assert RunConfig(**{**base, "device": "cuda"}).train_config().autocast_bf16 is True  # "auto" on CUDA is bf16
+    assert RunConfig(**{**base, "device": "cuda", "sae_dtype": "float32"}).sae_bf16 is False
+    with pytest.raises(ValueError, match="sae_dtype='bfloat16'.*use sae_dtype='auto' or 'float32'"):
+        RunConfig(**base, sae_dtype="bfloat16").train_config()
+    with pytest.raises(ValueError, match="model dtype 'int8' is not one of"):
+        RunConfig(**base, model_dtype="int8")
+    # a run written before the field existed trained in fp32 and resumes in fp32, also on CUDA
+    old = {k: v for k, v in RunConfig(**{**base, "device": "cuda"}).__dict__.items() if k not in ("sae_dtype", "model_dtype")}
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "run_config.json").write_text(json.dumps(old))
+    assert RunConfig.load(tmp_path / "old").sae_bf16 is False
+
+    r = train("--hook", "blocks.0.hook_resid_post", "--sae-dtype", "float16", "--out", str(tmp_path / "bad"))
+    assert r.returncode == 2 and "invalid choice: 'float16'" in r.stderr.strip().splitlines()[-1]
