@@ -10,16 +10,22 @@ _EXPORTS = {
     "load_model": "models", "DEFAULT_MODEL": "models",
     "ActivationStore": "activations", "write_activation_cache": "activations",
     "EmbeddedCorpus": "token_sources", "TextFiles": "token_sources", "TokenArray": "token_sources",
-    "HFDataset": "token_sources",
+    "HFDataset": "token_sources", "TokenFile": "token_sources", "boundary_tokens": "special_tokens",
     "SAE": "sae", "SAEConfig": "sae", "Trainer": "train", "TrainConfig": "train", "TrainEvent": "train",
     "save_sae": "persistence", "load_sae": "persistence", "evaluate": "metrics",
+    "load_saelens": "saelens_format", "export_saelens": "saelens_format",
     "SyntheticActivations": "synthetic", "recovery": "synthetic", "RunConfig": "runs", "train_run": "runs",
     "FeatureStats": "feature_stats",
     "TokenHighlighter": "widgets", "FeatureDashboard": "widgets", "FeatureBrowser": "widgets", "PromptExplorer": "widgets",
+    "SteeringPanel": "widgets", "TrainingMonitor": "widgets",
     "LatentEdit": "steering", "DirectionEdit": "steering", "diff_in_means": "steering", "generate": "generation",
     "steer": "steering_report",
 }
 __all__ = ["__version__", *_EXPORTS]
+
+
+def __dir__():  # tab completion offers the lazy names too
+    return sorted({*globals(), *_EXPORTS})
 
 
 def __getattr__(name):

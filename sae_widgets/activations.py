@@ -3,8 +3,9 @@
     store = ActivationStore(model, "blocks.1.hook_resid_post", EmbeddedCorpus("train"), batch_size=4096)
     x = store.next_batch()                        # [batch_size, d_in] on the training device
 
-Tokens -> windows of `n_ctx` (BOS first when `prepend_bos`) -> the model, run only up to the layer the hooks
-need -> one row per token -> a shuffle buffer -> batches. Rows come either from the model (`ModelRows`) or
+Tokens -> windows of `n_ctx` (BOS first when `prepend_bos`; BOS and separator by `special_tokens`) -> the model,
+run only up to the layer the hooks need -> one row per token, less the rows `row_filter` drops (BOS, special
+tokens, massive norms) -> a shuffle buffer -> batches. Rows come either from the model (`ModelRows`) or
 from a disk cache written by `write_activation_cache` (`CachedRows`); both give the same rows in the same
 order, and the buffer takes exactly the rows it needs, so a cached run yields the very same batches.
 """
@@ -22,6 +23,8 @@ from safetensors.torch import load_file
 
 from .atomic import save_safetensors_atomic, write_json_atomic
 from .config_io import read_json
+from .row_filter import DEFAULT_MASSIVE_NORM_FACTOR, RowFilter
+from .special_tokens import boundary_tokens, excluded_token_ids, model_tokenizer
 from .token_sources import EmbeddedCorpus, TokenSource
 from .tokens import window_body
 
@@ -100,10 +103,19 @@ def stop_layer_for(model, hooks: Sequence[str]) -> int | None:
 
 # ----------------------------------------------------------------------------------------------- rows
 class ModelRows:
-    """Unshuffled activation rows from the model, in window order; deterministic, so it can fast-forward."""
+    """Unshuffled activation rows from the model, in window order; deterministic, so it can fast-forward.
+
+    The BOS and the document separator follow `special_tokens.boundary_tokens`; which rows of a model batch are
+    kept follows `row_filter.RowFilter` (BOS position, special tokens, massive norms), and `counts` says how many
+    each rule dropped. A model batch therefore gives a varying number of rows; everything downstream (the buffer,
+    the disk cache, fast-forward by windows) counts rows or windows, never assumes a fixed number per window.
+    """
 
     def __init__(self, model, hooks: Sequence[str], source: TokenSource, *, n_ctx: int, prepend_bos: bool,
-                 keep_bos_rows: bool, model_batch_size: int, dtype: torch.dtype):
+                 keep_bos_rows: bool, model_batch_size: int, dtype: torch.dtype, bos_token: str | int | None = None,
+                 separator_token: str | int | None = None, exclude_special_tokens: bool = True,
+                 exclude_token_ids: Sequence[int | str] | None = None,
+                 massive_norm_factor: float | None = DEFAULT_MASSIVE_NORM_FACTOR):
         validate_hooks(model, hooks)
         if n_ctx > model.cfg.n_ctx:
             raise ValueError(f"n_ctx={n_ctx} is longer than the model's context of {model.cfg.n_ctx} tokens")
@@ -111,20 +123,30 @@ class ModelRows:
             raise ValueError(f"n_ctx={n_ctx} must be at least 2")
         if model_batch_size < 1:
             raise ValueError(f"model_batch_size={model_batch_size} must be >= 1")
-        tok = model.tokenizer
-        self.bos_id = tok.bos_token_id if prepend_bos else None
-        if prepend_bos and self.bos_id is None:
-            raise ValueError("prepend_bos=True but the model's tokenizer has no BOS token; pass prepend_bos=False")
-        self.sep_id = tok.eos_token_id
-        self.model, self.hooks, self.source, self.tokenizer = model, list(hooks), source, tok
-        self.n_ctx, self.prepend_bos, self.model_batch_size, self.dtype = n_ctx, prepend_bos, model_batch_size, dtype
-        self.drop_first = prepend_bos and not keep_bos_rows
-        self.rows_per_window = n_ctx - int(self.drop_first)
+        self.boundaries = boundary_tokens(model, prepend_bos=prepend_bos, bos_token=bos_token,
+                                          separator_token=separator_token)
+        self.bos_id, self.sep_id = self.boundaries.bos_id, self.boundaries.separator_id
+        self.model, self.hooks, self.source, self.tokenizer = model, list(hooks), source, model_tokenizer(model)
+        self.prepend_bos = self.bos_id is not None  # asked for, and a BOS token exists
+        self.n_ctx, self.model_batch_size, self.dtype = n_ctx, model_batch_size, dtype
+        self.drop_first = self.prepend_bos and not keep_bos_rows
+        self.rows_per_window = n_ctx - int(self.drop_first)  # at most: the filter may drop more
         self.stop_at_layer = stop_layer_for(model, hooks)
         self.windows_done = 0  # position in the window stream, over all epochs
         self.epoch = 0
+        self._epoch_of_last_row = 0
         self._windows = self._window_iter()
         self.d_hooks = self._probe_dims()
+        excluded = excluded_token_ids(model, self.boundaries, exclude_special_tokens=exclude_special_tokens,
+                                      exclude_token_ids=exclude_token_ids)
+        self.filter = RowFilter(self.d_hooks, bos_first=self.prepend_bos, keep_bos_rows=keep_bos_rows,
+                                excluded_ids=excluded, massive_norm_factor=massive_norm_factor)
+        self.exclude_special_tokens = exclude_special_tokens
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Rows kept and dropped (by rule) so far, over every model batch this stream has run."""
+        return dict(self.filter.counts)
 
     def window_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
         """Token windows [batch_size, n_ctx] from the start of the source, independent of the row stream's position
@@ -140,6 +162,10 @@ class ModelRows:
             any_doc = False
             for doc in self.source.documents(self.tokenizer):
                 any_doc = any_doc or bool(doc)
+                if doc and not 0 <= min(doc) <= max(doc) < self.model.cfg.d_vocab:
+                    raise ValueError(f"the token source {self.source.describe()} holds id "
+                                     f"{min(doc) if min(doc) < 0 else max(doc)}, outside the model's vocabulary "
+                                     f"(ids 0..{self.model.cfg.d_vocab - 1})")
                 pending.extend(doc)
                 if self.sep_id is not None:
                     pending.append(self.sep_id)
@@ -169,27 +195,37 @@ class ModelRows:
             self.windows_done += 1
 
     def next_rows(self) -> torch.Tensor:
-        """Rows of one model batch: [model_batch_size * rows_per_window, sum(d_hooks)] on the model's device."""
+        """Rows of one model batch: [kept rows, sum(d_hooks)] on the model's device (at most
+        model_batch_size * rows_per_window rows)."""
         windows = [next(self._windows) for _ in range(self.model_batch_size)]
         self.windows_done += len(windows)
         return self.rows_for(windows)
 
     def rows_for(self, windows: list[list[int]]) -> torch.Tensor:
-        """Rows of these token windows: [len(windows) * rows_per_window, sum(d_hooks)] on the model's device."""
+        """The kept rows of these token windows, in (window, position) order, on the model's device."""
         tokens = torch.tensor(windows, dtype=torch.long, device=self.model.cfg.device)
-        acts = self.run(tokens)
-        rows = torch.cat(acts, dim=-1)
-        if self.drop_first:
-            rows = rows[:, 1:]
-        return rows.reshape(-1, rows.shape[-1]).to(self.dtype)
+        return self.select(tokens, torch.cat(self.run(tokens), dim=-1))
+
+    def select(self, tokens: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
+        """The rows of one whole model batch (tokens [n, n_ctx], acts [n, n_ctx, width]) that the filter keeps."""
+        rows = acts[self.filter.keep(tokens, acts)].to(self.dtype)
+        if len(rows):
+            self._epoch_of_last_row = self.epoch
+        elif self.epoch > self._epoch_of_last_row + 1:
+            raise ValueError(f"a whole pass over the token source kept no row: every row was dropped "
+                             f"({self.filter.counts}); loosen exclude_special_tokens / exclude_token_ids / "
+                             f"massive_norm_factor")
+        return rows
 
     def state(self) -> dict[str, int]:
-        return {"windows_done": self.windows_done}
+        return {"windows_done": self.windows_done, **self.filter.counts}
 
     def load_state(self, state: dict[str, int]) -> None:
         if state["windows_done"] < self.windows_done:
             raise ValueError("cannot rewind a model row stream; build a new store and load the state into it")
         self.skip_windows(state["windows_done"] - self.windows_done)
+        for k in self.filter.counts:  # skipping does not run the model: the counts come from the state (0 if older)
+            self.filter.counts[k] = int(state.get(k, 0))
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -197,6 +233,8 @@ class ModelRows:
             "model_source": getattr(self.model, "sae_widgets_source", None),
             "hooks": self.hooks, "d_hooks": self.d_hooks, "dataset": self.source.describe(),
             "n_ctx": self.n_ctx, "prepend_bos": self.prepend_bos, "keep_bos_rows": not self.drop_first,
+            **self.boundaries.describe(), "exclude_special_tokens": self.exclude_special_tokens,
+            **self.filter.describe(),
         }
 
 
@@ -221,6 +259,11 @@ class CachedRows:
         t = load_file(self.dir / shards[self.shard]["file"])
         self.shard += 1
         return torch.cat([t[h] for h in self.hooks], dim=-1).to(self.device, self.dtype)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Rows kept and dropped while the cache was written (empty for caches written before the counts existed)."""
+        return dict(self.manifest.get("counts", {}))
 
     def state(self) -> dict[str, int]:
         return {"shard": self.shard, "epoch": self.epoch}
@@ -254,13 +297,22 @@ class ActivationStore(HookWidths):
     `hooks` is one hook name (batches are tensors) or an (input, output) pair for transcoders (batches are
     (x, y) tuples). The buffer holds `buffer_size` rows; when it falls to half, it is topped up from the
     row stream and reshuffled, so every batch mixes rows from many contexts.
+
+    Which rows enter (`ModelRows`): the BOS position is dropped unless `keep_bos_rows`; `bos_token` /
+    `separator_token` (a token string or id; None: the rule of `special_tokens`) start windows and join documents;
+    rows of special tokens are dropped unless `exclude_special_tokens=False` (`exclude_token_ids` adds ids); rows
+    whose norm exceeds `massive_norm_factor` x their model batch's median are dropped (0 / None: kept).
+    `counts` says how many rows each rule dropped.
     """
 
     def __init__(self, model, hooks: str | Sequence[str], source: TokenSource | None = None, *, n_ctx: int = 128,
                  batch_size: int = 4096, model_batch_size: int = 32, buffer_size: int = 65536, shuffle: bool = True,
                  prepend_bos: bool = True, keep_bos_rows: bool = False, seed: int = 0,
                  device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
-                 show_progress: bool = True, rows=None):
+                 show_progress: bool = True, rows=None, bos_token: str | int | None = None,
+                 separator_token: str | int | None = None, exclude_special_tokens: bool = True,
+                 exclude_token_ids: Sequence[int | str] | None = None,
+                 massive_norm_factor: float | None = DEFAULT_MASSIVE_NORM_FACTOR):
         self.paired = not isinstance(hooks, str)
         hooks = [hooks] if isinstance(hooks, str) else list(hooks)
         if len(hooks) not in (1, 2) or (self.paired and len(hooks) != 2):
@@ -271,7 +323,9 @@ class ActivationStore(HookWidths):
         if rows is None:
             rows = ModelRows(model, hooks, source if source is not None else EmbeddedCorpus("train"), n_ctx=n_ctx,
                              prepend_bos=prepend_bos, keep_bos_rows=keep_bos_rows, model_batch_size=model_batch_size,
-                             dtype=dtype)
+                             dtype=dtype, bos_token=bos_token, separator_token=separator_token,
+                             exclude_special_tokens=exclude_special_tokens, exclude_token_ids=exclude_token_ids,
+                             massive_norm_factor=massive_norm_factor)
         self.rows = rows
         self.hooks, self.d_hooks = list(rows.hooks), list(rows.d_hooks)
         self.batch_size, self.buffer_size, self.shuffle, self.seed = batch_size, buffer_size, shuffle, seed
@@ -296,6 +350,11 @@ class ActivationStore(HookWidths):
     @property
     def stop_at_layer(self) -> int | None:
         return self.rows.stop_at_layer
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Rows kept and dropped by rule (`row_filter.COUNTERS`) by the row stream so far ({} when it keeps none)."""
+        return dict(getattr(self.rows, "counts", {}))
 
     def _take_rows(self, n: int) -> torch.Tensor:
         """Exactly `n` rows from the stream, whatever size the chunks come in."""
@@ -365,7 +424,10 @@ def read_manifest(cache_dir: str | os.PathLike) -> dict[str, Any]:
 def write_activation_cache(model, hooks: str | Sequence[str], cache_dir: str | os.PathLike, n_tokens: int,
                            source: TokenSource | None = None, *, n_ctx: int = 128, prepend_bos: bool = True,
                            keep_bos_rows: bool = False, model_batch_size: int = 32, shard_tokens: int = 262144,
-                           seed: int = 0, dtype: torch.dtype = torch.float32, show_progress: bool = True) -> Path:
+                           seed: int = 0, dtype: torch.dtype = torch.float32, show_progress: bool = True,
+                           bos_token: str | int | None = None, separator_token: str | int | None = None,
+                           exclude_special_tokens: bool = True, exclude_token_ids: Sequence[int | str] | None = None,
+                           massive_norm_factor: float | None = DEFAULT_MASSIVE_NORM_FACTOR) -> Path:
     """Write the first `n_tokens` activation rows to safetensors shards plus a JSON manifest.
 
     Resumable: shards and manifest are written atomically, and a second call with the same settings
@@ -379,7 +441,10 @@ def write_activation_cache(model, hooks: str | Sequence[str], cache_dir: str | o
         raise ValueError(f"n_tokens={n_tokens} must be >= 1")
     hooks = [hooks] if isinstance(hooks, str) else list(hooks)
     rows = ModelRows(model, hooks, source if source is not None else EmbeddedCorpus("train"), n_ctx=n_ctx,
-                     prepend_bos=prepend_bos, keep_bos_rows=keep_bos_rows, model_batch_size=model_batch_size, dtype=dtype)
+                     prepend_bos=prepend_bos, keep_bos_rows=keep_bos_rows, model_batch_size=model_batch_size, dtype=dtype,
+                     bos_token=bos_token, separator_token=separator_token,
+                     exclude_special_tokens=exclude_special_tokens, exclude_token_ids=exclude_token_ids,
+                     massive_norm_factor=massive_norm_factor)
     settings = {"format": CACHE_FORMAT, **rows.describe(), "n_tokens": n_tokens, "seed": seed,
                 "dtype": str(dtype).removeprefix("torch."), "model_batch_size": model_batch_size}
     out = Path(cache_dir)
@@ -395,7 +460,7 @@ def write_activation_cache(model, hooks: str | Sequence[str], cache_dir: str | o
         manifest = old
         if manifest["complete"]:
             return out
-        rows.skip_windows(manifest["windows_done"])
+        rows.load_state({"windows_done": manifest["windows_done"], **manifest.get("counts", {})})
     bar = tqdm(total=n_tokens, initial=manifest["n_rows"], desc="caching activations", unit="tok", disable=not show_progress)
     per_shard = max(1, shard_tokens // (model_batch_size * rows.rows_per_window))
     while manifest["n_rows"] < n_tokens:
@@ -411,6 +476,7 @@ def write_activation_cache(model, hooks: str | Sequence[str], cache_dir: str | o
         manifest["shards"].append({"file": name, "n_rows": len(shard)})
         manifest["n_rows"] += len(shard)
         manifest["windows_done"] = rows.windows_done
+        manifest["counts"] = rows.counts
         manifest["complete"] = manifest["n_rows"] >= n_tokens
         write_json_atomic(out / MANIFEST, manifest)
         bar.update(len(shard))

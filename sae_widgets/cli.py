@@ -85,6 +85,8 @@ def cmd_quickstart(args: argparse.Namespace, extra: list[str]) -> int:
     cmd = [sys.executable, "-m", "jupyterlab", str(notebook), f"--ServerApp.root_dir={out}"]
     if args.port is not None:  # a fixed port fails loudly instead of silently moving to another one
         cmd += [f"--ServerApp.port={args.port}", "--ServerApp.port_retries=0"]
+    if args.ip is not None:
+        cmd.append(f"--ServerApp.ip={args.ip}")
     if args.no_browser:
         cmd.append("--ServerApp.open_browser=False")
     if hasattr(os, "geteuid") and os.geteuid() == 0:
@@ -138,46 +140,63 @@ def cmd_cache(args: argparse.Namespace) -> int:
     """Fill (or finish) a disk cache of activations, so later runs read shards instead of running the model."""
     from .activations import read_manifest, write_activation_cache
     from .models import load_model
-    from .token_sources import EmbeddedCorpus, TextFiles
+    from .runs import RunConfig
+    from .token_sources import TextFiles
 
     if len(args.hook) > 2:
         raise UsageError(f"--hook given {len(args.hook)} times: one hook, or two (input, output) for transcoders")
+    if args.text and args.tokens_file:
+        raise UsageError("give --text or --tokens-file, not both")
     try:
-        source = TextFiles(args.text) if args.text else EmbeddedCorpus(args.split)
-        model = load_model(args.model, device=args.device, dtype=args.model_dtype)
+        given = {f: getattr(args, f) for f in DATA_FLAGS if getattr(args, f) is not None}
+        cfg = RunConfig(hook=args.hook[0], split=args.split, **given)
+        source = TextFiles(args.text) if args.text else cfg.token_source()
+        model = load_model(args.model, device=args.device, dtype=args.model_dtype, tokenizer=cfg.tokenizer)
         hooks = args.hook[0] if len(args.hook) == 1 else tuple(args.hook)
         out = write_activation_cache(model, hooks, args.out, n_tokens=args.tokens, source=source, n_ctx=args.n_ctx,
-                                     model_batch_size=args.model_batch_size, seed=args.seed)
+                                     model_batch_size=args.model_batch_size, seed=args.seed, **cfg.row_options())
     except (ValueError, FileNotFoundError) as e:
         raise UsageError(str(e)) from e
     manifest = read_manifest(out)
     print(f"activation cache {out}: {manifest['n_rows']:,} rows of {manifest['hooks']} "
           f"(d={manifest['d_hooks']}) in {len(manifest['shards'])} shards")
+    from .row_filter import counts_line
+
+    print(counts_line("cached", manifest.get("counts", {})))
     return 0
 
 
-def _run_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per RunConfig field (`d_sae` -> `--d-sae`), default None so a config file's value survives."""
+# the RunConfig fields that say which tokens and rows a store uses: flags of `train` and of `cache` alike
+DATA_FLAGS = ("tokenizer", "tokens_file", "prepend_bos", "bos_token", "separator_token", "exclude_special_tokens",
+              "exclude_token_ids", "massive_norm_factor")
+
+
+def _run_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
+    """One flag per RunConfig field (`d_sae` -> `--d-sae`; only those in `only` when given), default None so a
+    config file's value survives."""
     import dataclasses
     import typing
 
     from .models import MODEL_DTYPES
-    from .runs import SAE_DTYPES, RunConfig
+    from .runs import FIELD_HELP, SAE_DTYPES, RunConfig
 
     choices = {"sae_dtype": SAE_DTYPES, "model_dtype": tuple(MODEL_DTYPES)}
     hints = typing.get_type_hints(RunConfig)
     for f in dataclasses.fields(RunConfig):
+        if only is not None and f.name not in only:
+            continue
         flag, hint = "--" + f.name.replace("_", "-"), hints[f.name]
         base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
         kind = base[0]
+        about = FIELD_HELP.get(f.name)
         if kind is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=about)
         elif typing.get_origin(kind) is list:
-            parser.add_argument(flag, dest=f.name, type=int, nargs="+", default=None)
+            parser.add_argument(flag, dest=f.name, type=int, nargs="+", default=None, help=about)
         else:
             shown = "required" if f.default is dataclasses.MISSING else f"default: {f.default}"
             parser.add_argument(flag, dest=f.name, type=kind, default=None, choices=choices.get(f.name),
-                                help=f"({shown})")
+                                help=f"{about} ({shown})" if about else f"({shown})")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -238,7 +257,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                             d_sae=sae.cfg.d_sae, k=sae.cfg.k, out=str(folder))
         cfg = dataclasses.replace(cfg, out=str(folder), device=args.device or "cpu", progress=False,
                                   **({"cache": args.cache} if args.cache else {}))
-        model = None if cfg.cache else load_model(cfg.model, device=cfg.device, dtype=cfg.model_dtype)
+        model = None if cfg.cache else load_model(cfg.model, tokenizer=cfg.tokenizer, device=cfg.device, dtype=cfg.model_dtype)
         result = evaluate_run(cfg, sae, model, n_tokens=args.tokens)
     except (ValueError, FileNotFoundError) as e:
         raise UsageError(str(e)) from e
@@ -300,7 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"),
                    help="set a notebook parameter (headless); VALUE is a Python literal or a plain string")
     q.add_argument("--port", type=int, help="JupyterLab port")
-    q.add_argument("--no-browser", action="store_true", help="do not open a browser")
+    q.add_argument("--ip", help="address JupyterLab listens on (default: localhost, reached from another machine "
+                   "through SSH port forwarding); 0.0.0.0 listens on every interface")
+    q.add_argument("--no-browser", action="store_true", help="do not open a browser (a server without a display)")
 
     h = sub.add_parser("hooks", help="list a model's hook names")
     h.add_argument("--model", default=None, help="embedded name, local HF folder or cached hub name "
@@ -323,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     c.add_argument("--model-dtype", default="float32", help="the language model's weights: float32 (default), "
                    "bfloat16 or float16")
+    _run_flags(c, only=DATA_FLAGS)
 
     t = sub.add_parser("train", help="train an SAE or transcoder headless (progress bar, checkpoints, metrics)",
                        description="Train an SAE on a model's activations. Settings come from flags and/or a JSON "

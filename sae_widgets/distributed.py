@@ -295,7 +295,10 @@ class RankSlice:
 
 class ShardedModelRows(ModelRows):
     """The model's row stream, with each model batch's windows split over the ranks and the rows all-gathered: every
-    rank gets the very rows one process would, for 1/N of the model's compute."""
+    rank gets the very rows one process would, for 1/N of the model's compute.
+
+    Every position's row is gathered, then the row filter runs on the whole model batch on every rank alike: its
+    massive-norm median is the batch's, as in one process, and every rank keeps the same rows."""
 
     def __init__(self, parallel: DataParallel, *args, **kwargs):
         self.parallel = parallel
@@ -308,11 +311,15 @@ class ShardedModelRows(ModelRows):
         counts = [len(c) for c in np.array_split(np.arange(len(windows)), w)]
         start = sum(counts[:r])
         mine = windows[start:start + counts[r]]
+        width = sum(self.d_hooks)
         if mine:
-            rows = self.rows_for(mine)
+            acts = torch.cat(self.run(torch.tensor(mine, dtype=torch.long, device=self.model.cfg.device)), dim=-1)
+            acts = acts.to(self.dtype).reshape(-1, width)
         else:  # more ranks than windows in a model batch
-            rows = torch.empty(0, sum(self.d_hooks), dtype=self.dtype, device=self.model.cfg.device)
-        return self.parallel.all_gather_rows(rows, [c * self.rows_per_window for c in counts])
+            acts = torch.empty(0, width, dtype=self.dtype, device=self.model.cfg.device)
+        acts = self.parallel.all_gather_rows(acts, [c * self.n_ctx for c in counts])
+        tokens = torch.tensor(windows, dtype=torch.long, device=self.model.cfg.device)
+        return self.select(tokens, acts.reshape(len(windows), self.n_ctx, width))
 
 
 # ----------------------------------------------------------------------------------------------- data: disk cache
@@ -464,13 +471,10 @@ def data_parallel_store(cfg, model, parallel: DataParallel, device: torch.device
     if cfg.cache:
         return RankShardedCache(cfg.cache, parallel, batch_size=cfg.batch_size, buffer_size=cfg.buffer_size,
                                 seed=cfg.seed, device=device)
-    from .token_sources import EmbeddedCorpus
-
     hooks = [cfg.hook] if cfg.out_hook is None else [cfg.hook, cfg.out_hook]
     parallel.local_batch_size(cfg.batch_size)  # fail before the model runs
-    rows = ShardedModelRows(parallel, model, hooks, EmbeddedCorpus(split or cfg.split), n_ctx=cfg.n_ctx,
-                            prepend_bos=True, keep_bos_rows=False, model_batch_size=cfg.model_batch_size,
-                            dtype=torch.float32)
+    rows = ShardedModelRows(parallel, model, hooks, cfg.token_source(split), n_ctx=cfg.n_ctx, keep_bos_rows=False,
+                            model_batch_size=cfg.model_batch_size, dtype=torch.float32, **cfg.row_options())
     store = ActivationStore(model, hooks[0] if len(hooks) == 1 else hooks, batch_size=cfg.batch_size,
                             model_batch_size=cfg.model_batch_size, buffer_size=cfg.buffer_size, seed=cfg.seed,
                             device=device, show_progress=cfg.progress and parallel.is_writer, rows=rows)

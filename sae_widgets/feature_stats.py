@@ -7,11 +7,12 @@
     stats.columns()                                    # arrays for the feature browser
 
 Per latent: density (fraction of scored tokens where it is > 0), mean and max activation, a log-spaced histogram of
-its positive activations, its top-n contexts, quantile-stratified sample contexts, and its logit effects
-(top ± tokens of `(W_dec[i] · ln_final.w) @ W_U`). A context is a window of tokens around the token that ranks,
-with that latent's activation at each of them (0 at the BOS position, which is never scored). The file is one
-safetensors file whose header holds the JSON metadata (settings, SAE fingerprint, the vocabulary's strings), so
-no tokenizer is needed to reopen it, and the arrays and their description can never disagree.
+its positive activations, its top-n contexts, quantile-stratified sample contexts, and its logit effects (top ±
+tokens of W_dec[i] @ W_U through the final norm's elementwise map, read off the module: `final_norm_map`). A
+context is a window of tokens around the token that ranks, with that latent's activation at each of them (0 at
+the BOS position, which is never scored). The file is one safetensors file whose header holds the JSON metadata
+(settings, SAE fingerprint, the vocabulary's strings), so no tokenizer is needed to reopen it, and the arrays and
+their description can never disagree.
 """
 from __future__ import annotations
 
@@ -50,8 +51,11 @@ def sae_fingerprint(sae) -> str:
 
 
 def token_strings(model) -> list[str]:
-    """The decoded text of every vocabulary id (ids the tokenizer lacks, in a padded vocabulary, as <id>)."""
-    tok, d_vocab = model.tokenizer, model.cfg.d_vocab
+    """The decoded text of every vocabulary id (ids the tokenizer lacks, in a padded vocabulary, as <id>; every id as
+    #id for a model loaded without a tokenizer)."""
+    tok, d_vocab = getattr(model, "tokenizer", None), model.cfg.d_vocab
+    if tok is None:
+        return [f"#{i}" for i in range(d_vocab)]
     known = min(d_vocab, len(tok))
     return list(tok.batch_decode([[i] for i in range(known)])) + [f"<{i}>" for i in range(known, d_vocab)]
 

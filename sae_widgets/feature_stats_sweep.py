@@ -11,7 +11,9 @@ Ties break towards the earlier token, so results do not depend on how tokens or 
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 
@@ -298,16 +300,63 @@ class Sweep:
 
 
 # ----------------------------------------------------------------------------------------------- logit effects
-def final_norm_scale(model) -> torch.Tensor:
-    """The final norm's per-dimension scale; ones where it was folded into W_U (LNPre / RMSPre, or a bridge whose
-    fold_ln set it to ones)."""
+PROBE_NORM = 64.0  # the probe's input RMS: the norm's eps (<= 1e-5) changes its response by eps / 2·64² < 1e-9
+
+
+@dataclass(frozen=True)
+class FinalNormMap:
+    """What the final norm does to a change of its input, up to its positive denominator: remove the mean (if
+    `centres`), then multiply elementwise by `scale` [d_model]. Ones where a fold (fold_ln) moved the weight into
+    W_U; 1 + w for Gemma's RMSNorm; w for LayerNorm and RMSNorm. `note` says why there is no map (scale None)."""
+
+    scale: torch.Tensor | None
+    centres: bool
+    note: str = ""
+
+    def apply(self, directions: torch.Tensor) -> torch.Tensor:
+        """The directions [n, d_model] as the norm passes them on to W_U."""
+        if self.centres:
+            directions = directions - directions.mean(-1, keepdim=True)
+        return directions * self.scale.to(directions.device)
+
+
+def _unit_zero_mean(v: torch.Tensor) -> torch.Tensor:
+    v = v - v.mean()
+    return v / v.pow(2).mean().sqrt()
+
+
+@torch.no_grad()
+def final_norm_map(model) -> FinalNormMap:
+    """Read the final norm's map off the module itself (`model.ln_final`, a TransformerBridge component or a
+    HookedTransformer-style module; none: the identity), so no per-family formula can be wrong.
+
+    For v zero-mean with unit RMS, LayerNorm, RMSNorm and Gemma's (1 + w) RMSNorm all give
+    f(c·v) − f(−c·v) = 2·scale·v for any large c (bias and eps cancel or vanish), so scale = that difference / 2v;
+    a module that does not normalise (Identity) gives c times that. The norm removes the mean when f(c·v + c)
+    equals f(c·v). A second, random v checks that the module really is such a map."""
     d_model = model.cfg.d_model
     ln = getattr(model, "ln_final", None)
-    w = getattr(ln, "w", None) if ln is not None else None
-    folded = getattr(model.cfg, "normalization_type", None) in (None, "LNPre", "RMSPre")
-    if folded or not isinstance(w, torch.Tensor) or w.shape != (d_model,):
-        return torch.ones(d_model)
-    return w.detach().float().cpu()
+    if ln is None:
+        return FinalNormMap(torch.ones(d_model), centres=False)
+    param = next(iter(ln.parameters()), None)
+    dtype = param.dtype if param is not None else torch.float32
+    device = param.device if param is not None else torch.device(model.cfg.device)
+    alternating = torch.where(torch.arange(d_model) % 2 == 0, 1.0, -1.0).double()
+    check = torch.randn(d_model, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    v, u = _unit_zero_mean(alternating), _unit_zero_mean(check)  # v's entries are all near ±1: a safe divisor
+    c = PROBE_NORM
+    probes = torch.stack([c * v, -c * v, 2 * c * v, -2 * c * v, c * v + c, c * u, -c * u])
+    out = ln(probes[None].to(device, dtype))[0].double().cpu()
+    odd, odd_2c, odd_u = out[0] - out[1], out[2] - out[3], out[5] - out[6]
+    growth = float(odd_2c.norm() / odd.norm())  # 1: a normalisation; 2: linear, no normalisation
+    per_c = 1.0 if abs(growth - 1) < 0.05 else c if abs(growth - 2) < 0.1 else math.nan
+    scale = odd / (2 * v * per_c)
+    tol = 0.05 * float(scale.abs().max())  # loose enough for bf16 (2^-8), far below what a wrong map gives
+    if not bool((odd_u / per_c - 2 * scale * u).abs().max() <= tol) or not tol > 0:
+        return FinalNormMap(None, centres=False, note=(
+            f"no logit effects: the final norm ({type(ln).__name__}) does not act as a normalisation followed by "
+            f"an elementwise scale"))
+    return FinalNormMap(scale.float(), centres=bool((out[4] - out[0]).abs().max() <= tol * per_c))
 
 
 def residual_directions(model, sae) -> tuple[torch.Tensor | None, str]:
@@ -328,19 +377,21 @@ def residual_directions(model, sae) -> tuple[torch.Tensor | None, str]:
 
 @torch.no_grad()
 def logit_effects(model, sae, n_logits: int, latent_chunk: int, device: torch.device) -> tuple[dict[str, torch.Tensor], str]:
-    """Top ± tokens of (W_dec[i] · ln_final.w) @ W_U for every latent, `latent_chunk` latents at a time."""
+    """Top ± tokens of final_norm_map(model).apply(W_dec[i]) @ W_U for every latent (the change in logits that a
+    small step along the latent's direction in the final residual makes, up to the norm's positive denominator),
+    `latent_chunk` latents at a time."""
     d_sae = sae.cfg.d_sae
     directions, note = residual_directions(model, sae)
     w_u = model.W_U.detach().float().to(device)
     n = min(n_logits, w_u.shape[1])
-    if directions is None or n == 0:
+    norm = final_norm_map(model) if directions is not None and n > 0 else None
+    if norm is None or norm.scale is None:
         empty_i, empty_f = torch.zeros(d_sae, 0, dtype=torch.int32), torch.zeros(d_sae, 0)
         return {"logit_pos_ids": empty_i, "logit_pos_values": empty_f,
-                "logit_neg_ids": empty_i.clone(), "logit_neg_values": empty_f.clone()}, note
-    scale = final_norm_scale(model).to(device)
+                "logit_neg_ids": empty_i.clone(), "logit_neg_values": empty_f.clone()}, norm.note if norm else note
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("pos_ids", "pos_values", "neg_ids", "neg_values")}
     for lo in range(0, d_sae, latent_chunk):
-        effects = (directions[lo:lo + latent_chunk].to(device) * scale) @ w_u
+        effects = norm.apply(directions[lo:lo + latent_chunk].to(device)) @ w_u
         for sign, largest in (("pos", True), ("neg", False)):
             top = effects.topk(n, dim=1, largest=largest)
             parts[f"{sign}_ids"].append(top.indices.int().cpu())

@@ -13,12 +13,17 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .special_tokens import model_tokenizer
+from .token_input import decode, prompt_tokens, token_ids, token_labels
+
 
 @dataclass
 class Generation:
-    """One completion: the prompt's tokens, the new tokens and their text (JSON-friendly through `to_dict`)."""
+    """One completion: the prompt's tokens, the new tokens and their text (JSON-friendly through `to_dict`).
 
-    prompt: str
+    `prompt` is the text given, or the token ids given; without a tokenizer the new tokens read `#id`."""
+
+    prompt: str | list[int]
     prompt_tokens: list[int]
     new_tokens: list[int]
     new_str_tokens: list[str]
@@ -29,7 +34,8 @@ class Generation:
 
     @property
     def text(self) -> str:
-        return self.prompt + self.completion
+        prompt = self.prompt if isinstance(self.prompt, str) else " ".join(f"#{i}" for i in self.prompt) + " "
+        return prompt + self.completion
 
     @property
     def tokens(self) -> list[int]:
@@ -79,7 +85,7 @@ def sample(model, tokens: torch.Tensor, *, fwd_hooks: list[tuple[str, Callable]]
         raise ValueError(f"a prompt of {tokens.shape[1]} tokens plus max_new_tokens={max_new_tokens} exceeds the "
                          f"model's context of {n_ctx} tokens")
     generator = torch.Generator(device=tokens.device).manual_seed(seed)
-    eos = getattr(model.tokenizer, "eos_token_id", None)
+    eos = getattr(model_tokenizer(model), "eos_token_id", None)
     seq, done = tokens, torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
     for _ in range(max_new_tokens):
         logits = model.run_with_hooks(seq, fwd_hooks=list(fwd_hooks or []))[:, -1].float()
@@ -92,10 +98,11 @@ def sample(model, tokens: torch.Tensor, *, fwd_hooks: list[tuple[str, Callable]]
     return seq[:, tokens.shape[1]:]
 
 
-def generate_samples(model, sae, prompt: str, interventions=None, *, n_samples: int = 1, seed: int = 0,
+def generate_samples(model, sae, prompt, interventions=None, *, n_samples: int = 1, seed: int = 0,
                      max_new_tokens: int = 32, temperature: float = 1.0, top_p: float = 1.0,
                      prepend_bos: bool = True, stop_at_eos: bool = False) -> list[Generation]:
-    """`n_samples` completions of `prompt` in one batch, with `interventions` (`LatentEdit` / `DirectionEdit`).
+    """`n_samples` completions of `prompt` (text or token ids, see `token_input`) in one batch, with `interventions`
+    (`LatentEdit` / `DirectionEdit`).
 
     Deterministic for (seed, n_samples); temperature 0 is greedy. List positions must lie inside the prompt (BOS
     is position 0 with `prepend_bos`). `sae` may be None when no edit is a latent edit. With `stop_at_eos` each
@@ -103,29 +110,26 @@ def generate_samples(model, sae, prompt: str, interventions=None, *, n_samples: 
     """
     from .steering import steering_hooks
 
-    if not isinstance(prompt, str):
-        raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
     if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
         raise ValueError(f"n_samples={n_samples!r} must be an int >= 1")
     check_sampling(temperature, top_p, max_new_tokens)
-    tokens = model.to_tokens(prompt, prepend_bos=prepend_bos).to(model.cfg.device)
-    if tokens.shape[1] == 0:
-        raise ValueError("the prompt is empty and prepend_bos=False: there is nothing to continue")
-    hooks = steering_hooks(model, sae, interventions or [], prompt_len=tokens.shape[1], skip_bos=prepend_bos)
+    tokens, has_bos = prompt_tokens(model, prompt, prepend_bos=prepend_bos)
+    hooks = steering_hooks(model, sae, interventions or [], prompt_len=tokens.shape[1], skip_bos=has_bos)
     new = sample(model, tokens.expand(n_samples, -1), fwd_hooks=hooks, seed=seed, max_new_tokens=max_new_tokens,
                  temperature=temperature, top_p=top_p, stop_at_eos=stop_at_eos).tolist()
-    eos = getattr(model.tokenizer, "eos_token_id", None)
+    eos = getattr(model_tokenizer(model), "eos_token_id", None)
+    given = prompt if isinstance(prompt, str) else token_ids(model, prompt)
     out = []
     for ids in new:
         if stop_at_eos and eos in ids:
             ids = ids[: ids.index(eos) + 1]
-        out.append(Generation(prompt=prompt, prompt_tokens=tokens[0].tolist(), new_tokens=ids,
-                              new_str_tokens=[model.to_string([t]) for t in ids], completion=model.to_string(ids),
+        out.append(Generation(prompt=given, prompt_tokens=tokens[0].tolist(), new_tokens=ids,
+                              new_str_tokens=token_labels(model, ids), completion=decode(model, ids),
                               seed=seed, temperature=float(temperature), top_p=float(top_p)))
     return out
 
 
-def generate(model, sae, prompt: str, interventions=None, *, seed: int = 0, max_new_tokens: int = 32,
+def generate(model, sae, prompt, interventions=None, *, seed: int = 0, max_new_tokens: int = 32,
              temperature: float = 1.0, top_p: float = 1.0, prepend_bos: bool = True,
              stop_at_eos: bool = False) -> Generation:
     """One completion of `prompt` with `interventions` (a list of `LatentEdit` / `DirectionEdit`; empty: baseline).

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import html
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,8 @@ MODEL_METRICS = ("ce_loss_score", "kl_div_score", "ce_loss_without_sae", "ce_los
 SPLICE_MODES = ("sae", "sae_and_error", "ablation")
 DENSITY_EPS = 1e-10  # log10(density + 1e-10), as SAELens plots it: dead latents land at -10
 _EPS = 1e-12  # guards cos / norm ratios of all-zero rows (they count as cos 0)
+SCORE_MIN_GAP = 1e-6  # nats: a CE gap or KL of zero ablation below this is float rounding (float32 KL of an
+# unchanged distribution comes out near ±1e-8), so a score divided by it would be noise
 
 
 # ----------------------------------------------------------------------------------------------- streaming sums
@@ -259,6 +262,30 @@ def splice_hooks(sae, mode: str = "sae", *, keep_first: bool = False) -> list[tu
     return hooks + [(out_hook if out_hook is not None else cfg.hook, replace)]
 
 
+def loss_scores(ce_clean: float, ce_sae: float, ce_zero: float, kl_sae: float, kl_zero: float,
+                hook: str = "") -> dict[str, float]:
+    """ce_loss_score = (CE_zero − CE_sae) / (CE_zero − CE_clean) and kl_div_score = (KL_zero − KL_sae) / KL_zero.
+
+    Each is NaN, with a one-line warning naming the hook and the losses, where its denominator is not above
+    SCORE_MIN_GAP: zero-ablating the hook then does not raise the loss (CE; at some hooks of real models it lowers
+    it) or does not change the next-token distribution (KL, ≥ 0 exactly, ±rounding in float), and the ratio would
+    be > 1, negative or noise while looking like a score."""
+    where = f" at {hook}" if hook else ""
+    scores = {"ce_loss_score": math.nan, "kl_div_score": math.nan}
+    if ce_zero - ce_clean > SCORE_MIN_GAP:
+        scores["ce_loss_score"] = (ce_zero - ce_sae) / (ce_zero - ce_clean)
+    else:
+        warnings.warn(f"ce_loss_score{where} is NaN: zero-ablating the hook does not raise the loss (CE "
+                      f"{ce_zero:.6g} with the hook zeroed, {ce_clean:.6g} clean, nats)", RuntimeWarning, stacklevel=2)
+    if kl_zero > SCORE_MIN_GAP:
+        scores["kl_div_score"] = (kl_zero - kl_sae) / kl_zero
+    else:
+        warnings.warn(f"kl_div_score{where} is NaN: zero-ablating the hook does not change the next-token "
+                      f"distribution (KL {kl_zero:.3g} with the hook zeroed, not above {SCORE_MIN_GAP:g}; "
+                      f"{kl_sae:.3g} with the SAE, nats)", RuntimeWarning, stacklevel=2)
+    return scores
+
+
 @torch.no_grad()
 def model_metrics(model, sae, token_batches: Iterable[torch.Tensor], *, prepend_bos: bool = True) -> dict[str, float]:
     """Spliced CE / KL and the scores, over the given token windows [batch, n_ctx].
@@ -267,7 +294,8 @@ def model_metrics(model, sae, token_batches: Iterable[torch.Tensor], *, prepend_
     over predicted positions. With `prepend_bos`, position 0 (BOS) is never spliced (SAEs are trained without BOS
     rows) and its prediction is not scored, so every variant is scored on the same positions 1..n_ctx-2.
     ce_loss_score = (CE_zero − CE_sae) / (CE_zero − CE_clean), kl_div_score = (KL_zero − KL_sae) / KL_zero
-    (SAELens names), both from the means over all windows.
+    (SAELens names), both from the means over all windows; NaN with a warning where zero ablation does not raise
+    the loss / change the distribution (`loss_scores`).
     """
     start = int(prepend_bos)
     sums = {f"ce_{m}": 0.0 for m in ("clean", *SPLICE_MODES)} | {f"kl_{m}": 0.0 for m in SPLICE_MODES}
@@ -291,10 +319,9 @@ def model_metrics(model, sae, token_batches: Iterable[torch.Tensor], *, prepend_
     if n == 0:
         raise ValueError("no token windows given")
     m = {k: v / n for k, v in sums.items()}
-    ce_gap, kl_zero = m["ce_ablation"] - m["ce_clean"], m["kl_ablation"]
+    hook = getattr(sae.cfg, "out_hook", None) or sae.cfg.hook  # the hook that is replaced and ablated
     return {
-        "ce_loss_score": (m["ce_ablation"] - m["ce_sae"]) / ce_gap if ce_gap != 0 else math.nan,
-        "kl_div_score": (kl_zero - m["kl_sae"]) / kl_zero if kl_zero != 0 else math.nan,
+        **loss_scores(m["ce_clean"], m["ce_sae"], m["ce_ablation"], m["kl_sae"], m["kl_ablation"], hook),
         "ce_loss_without_sae": m["ce_clean"], "ce_loss_with_sae": m["ce_sae"],
         "ce_loss_with_ablation": m["ce_ablation"], "ce_loss_with_sae_and_error": m["ce_sae_and_error"],
         "kl_div_with_sae": m["kl_sae"], "kl_div_with_ablation": m["kl_ablation"],
@@ -314,6 +341,8 @@ class EvalResult:
     n_tokens: int = 0
     n_model_tokens: int = 0  # predicted positions scored for the model metrics (0 when skipped)
     notes: list[str] = field(default_factory=list)
+    # rows the store kept and dropped by rule while this evaluation drew from it (row_filter.COUNTERS; {} for a cache)
+    row_counts: dict[str, int] = field(default_factory=dict)
 
     def density_histogram(self, bins: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
         """log10(density + 1e-10) histogram: (counts, edges)."""
@@ -322,7 +351,8 @@ class EvalResult:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: metrics, token counts, notes and the distributions as lists."""
         out: dict[str, Any] = {"metrics": dict(self.metrics), "n_tokens": self.n_tokens,
-                               "n_model_tokens": self.n_model_tokens, "notes": list(self.notes)}
+                               "n_model_tokens": self.n_model_tokens, "notes": list(self.notes),
+                               "row_counts": dict(self.row_counts)}
         if self.feature_density is not None:
             counts, edges = self.density_histogram()
             out.update(feature_density=self.feature_density.tolist(), log10_density_histogram={
@@ -357,6 +387,10 @@ class EvalResult:
         for title, rows in sections:
             lines.append(title)
             lines += [f"  {k:<{width}}  {v:>12}" for k, v in rows]
+        if self.row_counts:
+            from .row_filter import counts_line
+
+            lines.append(counts_line("evaluation", self.row_counts))
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -396,6 +430,12 @@ def evaluate(model, sae, store, n_tokens: int, *, n_ctx_batches: int | None = No
     `store.rows.window_batches` (model-backed stores): `n_ctx_batches` batches of `ce_batch_size` windows, or else
     enough windows for `ce_tokens` tokens (default min(n_tokens, 4096)). They are skipped, with a note, when
     `model` is None or the store has no token windows (a disk cache). The SAE runs in eval mode.
+
+    Which rows count: the store's (`ActivationStore`: by default no BOS, special-token or massive-norm rows);
+    `EvalResult.row_counts` says how many rows the store kept and dropped by rule while this evaluation drew from it (the
+    buffer reads ahead, so it covers somewhat more rows than `n_tokens`). The spliced CE / KL are over whole
+    windows: the SAE replaces every position but BOS, special-token and massive-norm positions included (the model
+    sees its reconstruction there too), and every prediction after BOS is scored.
     """
     if n_tokens < 1:
         raise ValueError(f"n_tokens={n_tokens} must be >= 1")
@@ -406,6 +446,7 @@ def evaluate(model, sae, store, n_tokens: int, *, n_ctx_batches: int | None = No
         raise ValueError(f"the store streams {store_hooks} but the {'transcoder' if out_hook else 'SAE'} "
                          f"reads {want}: build the store with the same hook name(s)")
     was_training = sae.training
+    counts_before = dict(getattr(store, "counts", {}) or {})
     sae.eval()
     try:
         acc = MetricAccumulator()
@@ -451,8 +492,12 @@ def evaluate(model, sae, store, n_tokens: int, *, n_ctx_batches: int | None = No
             metrics.update(mm)
     finally:
         sae.train(was_training)
+    counts = dict(getattr(store, "counts", {}) or {})
+    rows_drawn = {k: v - counts_before.get(k, 0) for k, v in counts.items()}
+    if not rows_drawn.get("rows_kept"):  # a cache, or rows already buffered: nothing new was filtered
+        rows_drawn = {}
     return EvalResult(metrics=metrics, feature_density=acc.feature_density(), l0_histogram=acc.l0_histogram(),
-                      n_tokens=acc.n, n_model_tokens=n_model, notes=notes)
+                      n_tokens=acc.n, n_model_tokens=n_model, notes=notes, row_counts=rows_drawn)
 
 
 def _bar(show: bool, total: int, desc: str):

@@ -63,17 +63,76 @@ def resolve_model_source(name: str | os.PathLike | None = None) -> str:
     return str(name)
 
 
+# the files a tokenizer is built from (one of them must be there); tokenizer_config.json alone only configures one
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer.tiktoken")
+NO_TOKENIZER = (False, "none")
+
+
+def check_tokenizer_files(folder: str | os.PathLike) -> None:
+    """A clear error when a local model folder holds no tokenizer: which files are missing and how to pass one."""
+    path = Path(folder)
+    if not path.is_dir() or any((path / f).is_file() for f in TOKENIZER_FILES):
+        return
+    present = sorted(p.name for p in path.glob("tokenizer*")) or ["none"]
+    raise FileNotFoundError(
+        f"{path} holds no tokenizer: none of {', '.join(TOKENIZER_FILES)} is there (tokenizer files present: "
+        f"{', '.join(present)}). Pass one: load_model({str(folder)!r}, tokenizer='/path/to/tokenizer-folder' or a "
+        f"hub name or a transformers tokenizer object) (CLI: --tokenizer PATH), or load without one "
+        f"(tokenizer=False; CLI: --tokenizer none) and give token ids (TokenArray, --tokens-file)")
+
+
+def resolve_tokenizer(tokenizer):
+    """A transformers tokenizer from a folder / hub name (offline: from the local cache), or the object given."""
+    if not isinstance(tokenizer, (str, os.PathLike)):
+        return tokenizer
+    from transformers import AutoTokenizer
+
+    path = Path(tokenizer).expanduser()
+    if path.is_dir():
+        check_tokenizer_files(path)
+    try:
+        return AutoTokenizer.from_pretrained(str(path) if path.is_dir() else str(tokenizer))
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"tokenizer={str(tokenizer)!r} could not be loaded (a tokenizer folder, or a hub "
+                                f"name in the local cache): {str(e).splitlines()[0]}") from e
+
+
+def _boot_without_tokenizer(source: str, **kwargs):
+    """boot_transformers with its tokenizer step skipped (it always loads one, except for audio / vision models)."""
+    from unittest import mock
+
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformer_lens.model_bridge.sources.transformers import source as tl_source
+
+    if not hasattr(tl_source, "skip_tokenizer_for_modality"):  # pragma: no cover - a transformer_lens change
+        raise RuntimeError("this transformer_lens version cannot load a model without a tokenizer here; "
+                           "pass tokenizer=...")
+    with mock.patch.object(tl_source, "skip_tokenizer_for_modality", return_value=True):
+        return TransformerBridge.boot_transformers(source, **kwargs)
+
+
 def load_model(name: str | os.PathLike | None = None, *, device: str | torch.device | None = None,
-               dtype: str | torch.dtype = torch.float32):
+               dtype: str | torch.dtype = torch.float32, tokenizer=None):
     """A `TransformerBridge` for `name` (None = the embedded default model), in eval mode.
 
     The returned model speaks the classic hook API (`run_with_hooks`, `run_with_cache`, `blocks.L.hook_resid_post`, ...).
+    `tokenizer`: None = the model's own tokenizer files; a folder or hub name, or a transformers tokenizer object;
+    False (or "none") = no tokenizer: `model.tokenizer` is None and every entry point takes token ids instead of text.
     """
     from transformer_lens.model_bridge import TransformerBridge
 
     source = resolve_model_source(name)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = TransformerBridge.boot_transformers(source, device=device, dtype=model_dtype(dtype))
+    kwargs = dict(device=device, dtype=model_dtype(dtype))
+    tokenizer = None if tokenizer is True else tokenizer
+    if isinstance(tokenizer, (bool, str)) and tokenizer in NO_TOKENIZER:
+        model = _boot_without_tokenizer(source, **kwargs)
+    else:
+        if tokenizer is None:
+            check_tokenizer_files(source)
+        tok = resolve_tokenizer(tokenizer)
+        model = TransformerBridge.boot_transformers(source, tokenizer=tok, **kwargs)
     model.eval()
     model.sae_widgets_source = source  # recorded in activation-cache manifests
     model.sae_widgets_name = str(name) if name is not None else DEFAULT_MODEL

@@ -15,11 +15,31 @@ import torch
 
 from .atomic import write_json_atomic
 from .config_io import read_json, strict_from_dict
+from .row_filter import DEFAULT_MASSIVE_NORM_FACTOR
 from .sae import SAE, SAEConfig
 from .train import Trainer, TrainConfig
 
 RUN_CONFIG = "run_config.json"
 SAE_DTYPES = ("auto", "float32", "bfloat16")
+
+
+# CLI help of the fields that say which tokens and rows a run uses (`cli._run_flags`)
+FIELD_HELP = {
+    "tokenizer": "the tokenizer: a folder or cached hub name; 'none' loads the model without one (token ids only: "
+                 "--tokens-file, --eval-tokens-file)",
+    "tokens_file": "train on these token ids: a .safetensors file (one integer tensor) or .npy; 1-D = one stream, "
+                   "2-D = one document per row",
+    "eval_tokens_file": "evaluate on these token ids (default: the embedded corpus's 'val' split)",
+    "prepend_bos": "start every window with the BOS token (its row is never trained on)",
+    "bos_token": "the BOS token: a token string or an integer id (default: the tokenizer's real BOS, see "
+                 "special_tokens.py)",
+    "separator_token": "the token between joined documents: a token string or an integer id (default: the "
+                       "tokenizer's real EOS)",
+    "exclude_special_tokens": "drop rows of special tokens from training and metrics (default: on, as SAELens)",
+    "exclude_token_ids": "more token ids whose rows are dropped",
+    "massive_norm_factor": "drop rows whose norm exceeds this multiple of their model batch's median (attention "
+                           "sinks); 0 keeps them",
+}
 
 
 @dataclass
@@ -34,6 +54,15 @@ class RunConfig:
     out_hook: str | None = None        # set for a transcoder
     cache: str | None = None           # read activations from this disk cache instead of running the model
     split: str = "train"               # embedded corpus split
+    tokenizer: str | None = None       # None: the model's own; a tokenizer folder or hub name; "none": token ids only
+    tokens_file: str | None = None     # train on these token ids (.safetensors / .npy) instead of the embedded corpus
+    eval_tokens_file: str | None = None  # evaluate on these token ids (default: the embedded corpus's 'val' split)
+    prepend_bos: bool = True           # start every window with BOS (its row is never trained on)
+    bos_token: str | int | None = None       # a token string or integer id; None: the rule of special_tokens.py
+    separator_token: str | int | None = None  # the token between joined documents, likewise
+    exclude_special_tokens: bool = True      # drop rows of special tokens from training and metrics (as SAELens)
+    exclude_token_ids: list[int] | None = None  # more token ids whose rows are dropped
+    massive_norm_factor: float | None = DEFAULT_MASSIVE_NORM_FACTOR  # drop rows above this x their batch's median norm
     n_ctx: int = 128
     batch_size: int = 4096
     buffer_size: int = 65536
@@ -57,6 +86,13 @@ class RunConfig:
     def __post_init__(self):
         if self.arch in ("relu", "jumprelu"):
             self.k = None
+        for name in ("bos_token", "separator_token"):  # the CLI gives strings: digits name an id
+            value = getattr(self, name)
+            if isinstance(value, str) and value.strip().isdigit():
+                setattr(self, name, int(value))
+        from .row_filter import check_massive_norm_factor
+
+        check_massive_norm_factor(self.massive_norm_factor)
         if self.sae_dtype not in SAE_DTYPES:
             raise ValueError(f"sae_dtype={self.sae_dtype!r} is not one of {SAE_DTYPES}")
         from .models import model_dtype
@@ -76,7 +112,27 @@ class RunConfig:
             raise FileNotFoundError(f"no run config at {path}")
         d = read_json(path)
         d.setdefault("sae_dtype", "float32")  # runs from before this field trained in fp32, and resume in fp32
+        # runs from before the row filter kept special-token and massive-norm rows, and resume with the same rows
+        d.setdefault("exclude_special_tokens", False)
+        d.setdefault("massive_norm_factor", None)
         return cls.from_dict(d)
+
+    def row_options(self) -> dict[str, Any]:
+        """The store's window and row-filter settings (ActivationStore / ModelRows keywords)."""
+        return dict(prepend_bos=self.prepend_bos, bos_token=self.bos_token, separator_token=self.separator_token,
+                    exclude_special_tokens=self.exclude_special_tokens, exclude_token_ids=self.exclude_token_ids,
+                    massive_norm_factor=self.massive_norm_factor)
+
+    def token_source(self, split: str | None = None):
+        """The training tokens (split None: `tokens_file`, else the embedded corpus's `split`), or the evaluation
+        tokens (split 'val': `eval_tokens_file`, else the embedded corpus's 'val' split)."""
+        from .token_sources import EmbeddedCorpus, TokenFile
+
+        if split is None and self.tokens_file:
+            return TokenFile(self.tokens_file)
+        if split == "val" and self.eval_tokens_file:
+            return TokenFile(self.eval_tokens_file)
+        return EmbeddedCorpus(split or self.split)
 
     @property
     def torch_device(self) -> str:
@@ -106,16 +162,15 @@ class RunConfig:
 
 def build_store(cfg: RunConfig, model, split: str | None = None):
     from .activations import ActivationStore
-    from .token_sources import EmbeddedCorpus
 
     hooks = cfg.hook if cfg.out_hook is None else (cfg.hook, cfg.out_hook)
     device = cfg.torch_device
     if cfg.cache:
         return ActivationStore.from_cache(cfg.cache, batch_size=cfg.batch_size, buffer_size=cfg.buffer_size,
                                           seed=cfg.seed, device=device, show_progress=cfg.progress)
-    return ActivationStore(model, hooks, EmbeddedCorpus(split or cfg.split), n_ctx=cfg.n_ctx, batch_size=cfg.batch_size,
+    return ActivationStore(model, hooks, cfg.token_source(split), n_ctx=cfg.n_ctx, batch_size=cfg.batch_size,
                            model_batch_size=cfg.model_batch_size, buffer_size=cfg.buffer_size, seed=cfg.seed,
-                           device=device, show_progress=cfg.progress)
+                           device=device, show_progress=cfg.progress, **cfg.row_options())
 
 
 def build_run(cfg: RunConfig, callbacks=None, parallel=None) -> tuple[Any, Any, Trainer]:
@@ -126,7 +181,7 @@ def build_run(cfg: RunConfig, callbacks=None, parallel=None) -> tuple[Any, Any, 
     from .models import load_model
 
     device = cfg.torch_device if parallel is None else parallel.device
-    model = None if cfg.cache else load_model(cfg.model, device=device, dtype=cfg.model_dtype)
+    model = None if cfg.cache else load_model(cfg.model, device=device, dtype=cfg.model_dtype, tokenizer=cfg.tokenizer)
     if parallel is None:
         store = build_store(cfg, model)
     else:
@@ -172,18 +227,29 @@ def train_run(cfg: RunConfig, resume: bool = False, callbacks=None, parallel=Non
     if parallel is not None and not parallel.is_writer:
         parallel.close()
         return None
-    result = evaluate_run(cfg, sae, model)
+    result = evaluate_run(cfg, sae, model, training_rows=getattr(store, "counts", {}))
     if parallel is not None:
         parallel.close()
     return result
 
 
-def evaluate_run(cfg: RunConfig, sae: SAE, model=None, n_tokens: int | None = None) -> dict[str, Any]:
-    """Metrics on the held-out split ('val') of the embedded corpus (or the cache), written to `metrics.json`."""
+def evaluate_run(cfg: RunConfig, sae: SAE, model=None, n_tokens: int | None = None,
+                 training_rows: dict[str, int] | None = None) -> dict[str, Any]:
+    """Metrics on the held-out tokens (`eval_tokens_file`, else the embedded corpus's 'val' split; or the cache),
+    written to `metrics.json`, with the rows the row filter dropped in training (`training_rows`, the store's
+    `counts`) and in evaluation."""
     from .metrics import evaluate
+    from .row_filter import counts_line
 
     eval_cfg = RunConfig.from_dict({**asdict(cfg), "progress": False, "buffer_size": max(cfg.batch_size, 8192)})
     store = build_store(eval_cfg, model, split="val" if not cfg.cache else None)
     result = evaluate(model, sae, store, n_tokens or cfg.eval_tokens)
-    write_json_atomic(Path(cfg.out) / "metrics.json", result.to_dict())
-    return {"metrics": result.metrics, "table": result.table()}
+    out = result.to_dict()
+    table = result.table()
+    if training_rows:
+        out["training_row_counts"] = dict(training_rows)
+        table += "\n" + counts_line("training", training_rows)
+    write_json_atomic(Path(cfg.out) / "metrics.json", out)
+    return {"metrics": result.metrics, "table": table, "row_counts": result.row_counts,
+            "training_row_counts": training_rows or {}}
+

@@ -34,6 +34,7 @@ from typing import Any, Union
 import torch
 
 from .activations import run_to_hooks, stop_layer_for, validate_hooks
+from .token_input import is_token_ids, prompt_tokens
 
 MODES = ("add", "clamp", "scale", "ablate")
 POSITION_KEYWORDS = ("all", "last")
@@ -315,12 +316,28 @@ def latent_activations(model, sae, tokens: torch.Tensor, latents: Sequence[int] 
     return f if latents is None else f[..., list(latents)]
 
 
+def prompt_list(prompts, name: str) -> list:
+    """One prompt (text, or ids as a list of ints / 1-D tensor) or many (a list of them, or a 2-D tensor's rows)."""
+    if isinstance(prompts, str) or is_token_ids(prompts) and torch.as_tensor(prompts).dim() == 1:
+        prompts = [prompts]
+    elif isinstance(prompts, torch.Tensor) and prompts.dim() == 2:
+        prompts = list(prompts)
+    else:
+        prompts = list(prompts)
+    if not prompts or any(isinstance(p, str) and not p or not isinstance(p, str) and not is_token_ids(p)
+                          for p in prompts):
+        raise ValueError(f"{name} must be a non-empty list of non-empty strings or token-id sequences, got "
+                         f"{prompts!r:.200}")
+    return prompts
+
+
 @torch.no_grad()
-def diff_in_means(model, hook: str, prompts_a: Sequence[str] | str, prompts_b: Sequence[str] | str, *,
+def diff_in_means(model, hook: str, prompts_a, prompts_b, *,
                   normalize: bool = True, positions: str = "all", prepend_bos: bool = True) -> torch.Tensor:
     """mean(activations on prompts_a) − mean(activations on prompts_b) at `hook`, over tokens: a steering direction.
 
-    positions "all" pools every token but BOS (each token weighs the same), "last" takes each prompt's last token.
+    Each prompt set is one prompt or a list; a prompt is text or token ids (see `token_input`). positions "all" pools
+    every token but BOS (each token weighs the same), "last" takes each prompt's last token.
     `normalize` returns the unit vector (then α in a `DirectionEdit` is the norm added), else the raw difference.
     """
     if positions not in POSITION_KEYWORDS:
@@ -328,14 +345,11 @@ def diff_in_means(model, hook: str, prompts_a: Sequence[str] | str, prompts_b: S
     validate_hooks(model, [hook])
     means = []
     for name, prompts in (("prompts_a", prompts_a), ("prompts_b", prompts_b)):
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts or not all(isinstance(p, str) and p for p in prompts):
-            raise ValueError(f"{name} must be a non-empty list of non-empty strings, got {prompts!r}")
         rows = []
-        for p in prompts:
-            tokens = model.to_tokens(p, prepend_bos=prepend_bos)
+        for p in prompt_list(prompts, name):
+            tokens, has_bos = prompt_tokens(model, p, prepend_bos=prepend_bos, what=name)
             x = hook_activations(model, hook, tokens)[0].float()
-            rows.append(x[-1:] if positions == "last" else x[int(prepend_bos):])
+            rows.append(x[-1:] if positions == "last" else x[int(has_bos):])
         means.append(torch.cat(rows).double().mean(0))
     d = (means[0] - means[1]).float()
     if normalize:

@@ -12,6 +12,7 @@ whether the steered text itself evokes the latent, not merely that the edit set 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -19,6 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from .generation import Generation, generate_samples
+from .special_tokens import boundary_tokens, model_tokenizer
+from .token_input import prompt_tokens, token_ids
 from .steering import LatentEdit, check_edits, latent_activations, steering_hooks
 
 
@@ -45,12 +48,12 @@ class SteeringResult:
     `to_dict()` is JSON-ready. Activations are means over the generated tokens of all samples.
     """
 
-    prompt: str
+    prompt: str | list[int]               # the text, or the token ids, given
     edits: list[dict]
     baseline: list[Generation]
     steered: list[Generation]
     latent_activations: list[LatentActivationChange] = field(default_factory=list)
-    kl_text: str = ""
+    kl_text: str | list[int] = ""
     kl: float = 0.0                       # mean over the scored positions of kl_text
     kl_per_position: list[float] = field(default_factory=list)
     perplexity_baseline: float | None = None
@@ -73,53 +76,65 @@ class SteeringResult:
 
 
 @torch.no_grad()
-def next_token_kl(model, sae, text: str, edits, *, prepend_bos: bool = True) -> tuple[float, list[float]]:
-    """KL(baseline ‖ steered) of the next-token distributions at each position of `text` (a leading BOS skipped).
+def next_token_kl(model, sae, text, edits, *, prepend_bos: bool = True) -> tuple[float, list[float]]:
+    """KL(baseline ‖ steered) of the next-token distributions at each position of `text` (text or token ids; a
+    leading BOS skipped).
 
     Returns (mean over those positions, the per-position values). The edits see `text` as the prompt.
     """
-    tokens = model.to_tokens(text, prepend_bos=prepend_bos).to(model.cfg.device)
-    first = int(prepend_bos)
+    tokens, has_bos = prompt_tokens(model, text, prepend_bos=prepend_bos, what="kl_text")
+    first = int(has_bos)
     if tokens.shape[1] <= first:
         raise ValueError(f"text={text!r} has no tokens to score")
-    hooks = steering_hooks(model, sae, edits, prompt_len=tokens.shape[1], skip_bos=prepend_bos)
+    hooks = steering_hooks(model, sae, edits, prompt_len=tokens.shape[1], skip_bos=has_bos)
     lp_base = F.log_softmax(model.run_with_hooks(tokens, fwd_hooks=[])[0, first:].double(), dim=-1)
     lp_steer = F.log_softmax(model.run_with_hooks(tokens, fwd_hooks=hooks)[0, first:].double(), dim=-1)
     kl = (lp_base.exp() * (lp_base - lp_steer)).sum(-1).clamp_min(0.0)  # rounding can leave tiny negatives
     return float(kl.mean()), kl.tolist()
 
 
-def heldout_windows(model, n_windows: int, n_ctx: int, *, prepend_bos: bool = True) -> torch.Tensor:
-    """The first `n_windows` windows [n, n_ctx] of the embedded corpus's held-out split ('val'), as in training."""
-    from .corpus import load_texts
+def heldout_windows(model, n_windows: int, n_ctx: int, *, prepend_bos: bool = True, source=None) -> torch.Tensor:
+    """The first `n_windows` windows [n, n_ctx] of `source` (a token source; default the embedded corpus's held-out
+    split 'val'), cut as in training (the store's BOS and document separator)."""
+    from .special_tokens import boundary_tokens
+    from .token_sources import EmbeddedCorpus
     from .tokens import chunk_windows, join_documents, window_body
 
     if n_ctx < 2 or n_ctx > model.cfg.n_ctx:
         raise ValueError(f"n_ctx={n_ctx} must be in 2..{model.cfg.n_ctx} (the model's context)")
-    tok = model.tokenizer
-    need, docs, have = n_windows * window_body(n_ctx, tok.bos_token_id if prepend_bos else None), [], 0
-    for text in load_texts("val"):  # tokenise only as many documents as the windows need
-        docs.append(tok(text, add_special_tokens=False)["input_ids"])
-        have += len(docs[-1]) + 1
+    marks = boundary_tokens(model, prepend_bos=prepend_bos)
+    source = EmbeddedCorpus("val") if source is None else source
+    need, docs, have = n_windows * window_body(n_ctx, marks.bos_id), [], 0
+    for doc in source.documents(model_tokenizer(model)):  # tokenise only as many documents as the windows need
+        docs.append(doc)
+        have += len(doc) + (marks.separator_id is not None)
         if have >= need:
             break
-    stream = join_documents(docs, tok.eos_token_id)
-    windows = chunk_windows(stream, n_ctx, tok.bos_token_id if prepend_bos else None)
+    windows = chunk_windows(join_documents(docs, marks.separator_id), n_ctx, marks.bos_id)
     if len(windows) < n_windows:
-        raise ValueError(f"the held-out split holds only {len(windows)} windows of {n_ctx} tokens, not {n_windows}")
+        raise ValueError(f"the held-out tokens hold only {len(windows)} windows of {n_ctx} tokens, not {n_windows}")
     return windows[:n_windows].to(model.cfg.device)
 
 
 @torch.no_grad()
 def heldout_perplexity(model, sae, edits, *, n_windows: int = 8, n_ctx: int = 128, batch_size: int = 8,
-                       prepend_bos: bool = True) -> tuple[float, float, int]:
+                       prepend_bos: bool = True, heldout_tokens=None) -> tuple[float, float, int]:
     """(baseline, steered) perplexity = exp(mean next-token cross-entropy) on held-out windows, and the token count.
 
+    `heldout_tokens`: a token source (default: the embedded corpus's 'val' split) or a 2-D tensor of windows
+    [n, n_ctx] whose first `n_windows` are used (position 0 is BOS when `prepend_bos` and the model has one).
     Each window is one sequence for the edits: "last" touches its last token (whose prediction is not scored), and
     list positions index into every window.
     """
-    windows = heldout_windows(model, n_windows, n_ctx, prepend_bos=prepend_bos)
-    hooks = steering_hooks(model, sae, edits, prompt_len=n_ctx, skip_bos=prepend_bos)
+    has_bos = prepend_bos and boundary_tokens(model, prepend_bos=True, warn=False).bos_id is not None
+    if isinstance(heldout_tokens, torch.Tensor):
+        if heldout_tokens.dim() != 2 or heldout_tokens.shape[0] < n_windows:
+            raise ValueError(f"heldout_tokens must be windows [n >= n_windows={n_windows}, n_ctx], got shape "
+                             f"{tuple(heldout_tokens.shape)}")
+        windows = heldout_tokens[:n_windows].long().to(model.cfg.device)
+    else:
+        windows = heldout_windows(model, n_windows, n_ctx, prepend_bos=prepend_bos, source=heldout_tokens)
+    hooks = steering_hooks(model, sae, edits, prompt_len=windows.shape[1], skip_bos=has_bos)
     totals = [0.0, 0.0]
     for batch in windows.split(batch_size):
         for i, fwd in enumerate(([], hooks)):
@@ -129,18 +144,21 @@ def heldout_perplexity(model, sae, edits, *, n_windows: int = 8, n_ctx: int = 12
     return math.exp(totals[0] / n), math.exp(totals[1] / n), n
 
 
-def steer(model, sae, prompt: str, edits, *, seed: int = 0, n_samples: int = 1, max_new_tokens: int = 32,
+def steer(model, sae, prompt, edits, *, seed: int = 0, n_samples: int = 1, max_new_tokens: int = 32,
           temperature: float = 1.0, top_p: float = 1.0, track_latents: Sequence[int] | None = None,
-          kl_text: str | None = None, n_heldout_windows: int = 8, heldout_n_ctx: int = 128,
-          prepend_bos: bool = True) -> SteeringResult:
-    """Generate from `prompt` without and with `edits` (same seed), then measure the steering's effect and cost.
+          kl_text=None, n_heldout_windows: int = 8, heldout_n_ctx: int = 128,
+          prepend_bos: bool = True, heldout_tokens=None) -> SteeringResult:
+    """Generate from `prompt` (text or token ids) without and with `edits` (same seed), then measure the steering's
+    effect and cost.
 
     Tracked latents (default: every latent the edits touch) are read on the generated tokens of every completion.
-    The cost is KL(baseline ‖ steered) on `kl_text` (default: the prompt) and the perplexity on
-    `n_heldout_windows` held-out windows of `heldout_n_ctx` tokens (0 windows: skipped).
+    The cost is KL(baseline ‖ steered) on `kl_text` (text or ids; default: the prompt) and the perplexity on
+    `n_heldout_windows` held-out windows of `heldout_n_ctx` tokens (0 windows: skipped) from `heldout_tokens` (see
+    `heldout_perplexity`). A model without a tokenizer has no default held-out text: the perplexity is then skipped,
+    with a warning, unless `heldout_tokens` is given.
     """
     edits = list(edits or [])
-    n_prompt = model.to_tokens(prompt, prepend_bos=prepend_bos).shape[1]
+    n_prompt = prompt_tokens(model, prompt, prepend_bos=prepend_bos)[0].shape[1]
     check_edits(model, sae, edits, prompt_len=n_prompt)
     opts = dict(seed=seed, n_samples=n_samples, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                 prepend_bos=prepend_bos)
@@ -164,9 +182,14 @@ def steer(model, sae, prompt: str, edits, *, seed: int = 0, n_samples: int = 1, 
     kl, kl_pos = next_token_kl(model, sae, kl_text, edits, prepend_bos=prepend_bos)
     ppl_b = ppl_s = None
     n_heldout = 0
-    if n_heldout_windows:
+    if n_heldout_windows and heldout_tokens is None and model_tokenizer(model) is None:
+        warnings.warn("the held-out perplexity is skipped: the model has no tokenizer for the default held-out text; "
+                      "pass heldout_tokens= (a TokenArray or windows [n, n_ctx]) to measure it", stacklevel=2)
+    elif n_heldout_windows:
         ppl_b, ppl_s, n_heldout = heldout_perplexity(model, sae, edits, n_windows=n_heldout_windows,
-                                                     n_ctx=heldout_n_ctx, prepend_bos=prepend_bos)
+                                                     n_ctx=heldout_n_ctx, prepend_bos=prepend_bos,
+                                                     heldout_tokens=heldout_tokens)
+    prompt, kl_text = (p if isinstance(p, str) else token_ids(model, p) for p in (prompt, kl_text))
     return SteeringResult(prompt=prompt, edits=[e.to_dict() for e in edits], baseline=baseline, steered=steered,
                           latent_activations=changes, kl_text=kl_text, kl=kl, kl_per_position=kl_pos,
                           perplexity_baseline=ppl_b, perplexity_steered=ppl_s, heldout_tokens=n_heldout)

@@ -20,6 +20,9 @@ class TokenSource(Protocol):
 
 
 def _encode(tokenizer, text: str) -> list[int]:
+    if tokenizer is None:
+        raise ValueError("this token source is text but the model has no tokenizer: give token ids instead "
+                         "(TokenArray / TokenFile; CLI --tokens-file), or load the model with tokenizer=...")
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -90,6 +93,38 @@ class TokenArray:
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "token_array", "name": self.name, "shape": list(self.tokens.shape)}
+
+
+def read_token_file(path: str | os.PathLike) -> torch.Tensor:
+    """The integer tensor of a token file: `.safetensors` (one tensor, or the one named 'tokens' / 'input_ids') or
+    `.npy` (read without pickle)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"token file {str(path)!r} does not exist")
+    if path.suffix == ".npy":
+        import numpy as np
+
+        return torch.from_numpy(np.load(path, allow_pickle=False))
+    if path.suffix != ".safetensors":
+        raise ValueError(f"token file {str(path)!r} must be .safetensors (one integer tensor) or .npy")
+    from safetensors.torch import load_file
+
+    tensors = load_file(path)
+    named = [k for k in ("tokens", "input_ids") if k in tensors]
+    if len(tensors) != 1 and not named:
+        raise ValueError(f"token file {str(path)!r} holds tensors {sorted(tensors)}: keep one, or name it 'tokens'")
+    return tensors[named[0]] if named else next(iter(tensors.values()))
+
+
+class TokenFile(TokenArray):
+    """Token ids from a file (see `read_token_file`): a 1-D tensor is one stream, a 2-D tensor one document per row."""
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__(read_token_file(path), name=Path(path).name)
+        self.path = Path(path)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "token_file", "path": str(self.path), "shape": list(self.tokens.shape)}
 
 
 class HFDataset:

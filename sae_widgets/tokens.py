@@ -11,12 +11,13 @@ from collections.abc import Iterable, Sequence
 import torch
 
 
-def join_documents(token_lists: Iterable[Sequence[int]], sep_id: int) -> torch.Tensor:
-    """Concatenate tokenised documents, each followed by `sep_id`, into one int64 stream."""
+def join_documents(token_lists: Iterable[Sequence[int]], sep_id: int | None) -> torch.Tensor:
+    """Concatenate tokenised documents, each followed by `sep_id` (None: none), into one int64 stream."""
     out: list[int] = []
     for ids in token_lists:
         out.extend(ids)
-        out.append(sep_id)
+        if sep_id is not None:
+            out.append(sep_id)
     return torch.tensor(out, dtype=torch.long)
 
 

@@ -31,7 +31,7 @@ def test_console_script_is_installed():
     r = subprocess.run([str(Path(sys.executable).parent / "sae-widgets"), "quickstart", "--help"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    assert "--headless" in r.stdout and "--no-browser" in r.stdout
+    assert "--headless" in r.stdout and "--no-browser" in r.stdout and "--ip" in r.stdout
 
 
 def test_hooks_lists_hook_names():
@@ -101,7 +101,7 @@ def test_interactive_quickstart_serves_notebook(tmp_path):
                JUPYTERLAB_SETTINGS_DIR=str(tmp_path / "settings"), JUPYTERLAB_WORKSPACES_DIR=str(tmp_path / "ws"))
     log = open(tmp_path / "lab.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "sae_widgets", "quickstart", "--no-browser", "--port", str(port),
-                             "--out", str(work), "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={token}"],
+                             "--out", str(work), "--ip", "127.0.0.1", f"--IdentityProvider.token={token}"],
                             stdout=log, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     try:

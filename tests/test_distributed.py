@@ -115,31 +115,50 @@ def test_rank_slices_of_the_cache_are_the_single_process_batches(caches, which):
         ref.load_state_dict(world1.state_dict())
 
 
-class RecordingRank:
-    """Rank `rank` of two, in this process: all_gather_rows records this rank's share instead of gathering."""
+class ThreadRank:
+    """Rank `rank` of two, each in a thread of this process: all_gather_rows swaps shares through a barrier."""
 
-    def __init__(self, rank: int):
-        self.rank, self.world_size, self.shares = rank, 2, []
+    def __init__(self, rank: int, shares: dict, barrier):
+        self.rank, self.world_size, self.shares, self.barrier = rank, 2, shares, barrier
 
     def all_gather_rows(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        assert len(rows) == counts[self.rank] and sum(counts) == 5 * 15
-        self.shares.append(rows)
-        return rows
+        assert len(rows) == counts[self.rank] and sum(counts) == 5 * 16  # every position of 3 + 2 windows
+        self.shares[self.rank] = rows
+        self.barrier.wait()
+        out = torch.cat([self.shares[0], self.shares[1]])
+        self.barrier.wait()
+        return out
 
 
-def test_model_batches_split_over_ranks_give_the_single_process_rows(model):
-    kw = dict(n_ctx=16, prepend_bos=True, keep_bos_rows=False, model_batch_size=5, dtype=torch.float32)
+@pytest.mark.parametrize("factor", [None, 1.2])
+def test_model_batches_split_over_ranks_give_the_single_process_rows(model, factor):
+    """factor 1.2 drops many rows as 'massive': the median must be the whole model batch's on every rank."""
+    import threading
+
+    kw = dict(n_ctx=16, prepend_bos=True, keep_bos_rows=False, model_batch_size=5, dtype=torch.float32,
+              massive_norm_factor=factor)
     plain = ModelRows(model, [HOOK], EmbeddedCorpus("train"), **kw)
-    ranks = [RecordingRank(r) for r in range(2)]
-    sharded = [ShardedModelRows(p, model, [HOOK], EmbeddedCorpus("train"), **kw) for p in ranks]
+    shares, barrier = {}, threading.Barrier(2)
+    sharded = [ShardedModelRows(ThreadRank(r, shares, barrier), model, [HOOK], EmbeddedCorpus("train"), **kw)
+               for r in range(2)]
     for _ in range(3):
         want = plain.next_rows()
-        for s in sharded:
-            s.next_rows()
-        got = torch.cat([ranks[0].shares[-1], ranks[1].shares[-1]])
-        assert len(ranks[0].shares[-1]) == 3 * 15 and len(ranks[1].shares[-1]) == 2 * 15  # 3 + 2 windows
-        assert torch.equal(got, want)
+        got = [None, None]
+
+        def run(r):
+            got[r] = sharded[r].next_rows()
+
+        threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(shares[0]) == 3 * 16 and len(shares[1]) == 2 * 16  # 3 + 2 windows
+        for g in got:
+            assert torch.equal(g, want)
     assert all(s.windows_done == plain.windows_done for s in sharded)
+    assert all(s.counts == plain.counts for s in sharded)
+    assert (plain.counts["dropped_massive_norm"] > 0) == (factor is not None)
 
 
 # ----------------------------------------------------------------------------------------------- torchrun, gloo

@@ -1,7 +1,7 @@
 """FeatureStats against a float64 brute-force reference built from the dense activations of every token.
 
 The reference uses plain loops over latents: per-latent sorting for the top contexts, np.histogram for the counts,
-the decoder rows times the final norm's scale times W_U for the logit effects, and, for the quantile samples, the
+the centred decoder rows times the final LayerNorm's w times W_U for the logit effects, and, for the quantile samples, the
 documented rule (the S firings with the smallest sample keys, split into equal-count bins by activation).
 """
 from __future__ import annotations
@@ -16,8 +16,7 @@ import pytest
 import torch
 
 from sae_widgets.feature_stats import FeatureStats, sae_fingerprint
-from sae_widgets.feature_stats_sweep import (HIST_PER_DECADE, QUANTILE_OVERSAMPLE, Sweep, final_norm_scale,
-                                             residual_directions, sample_key)
+from sae_widgets.feature_stats_sweep import HIST_PER_DECADE, QUANTILE_OVERSAMPLE, Sweep, residual_directions, sample_key
 from sae_widgets.sae import SAE, SAEConfig
 from sae_widgets.token_sources import EmbeddedCorpus, TokenArray
 from sae_widgets.tokens import chunk_windows, join_documents
@@ -168,7 +167,8 @@ def test_logit_effects_match_the_reference(case, model):
     scale = model.ln_final.w.detach().double()
     n = SETTINGS["n_logits"]
     for i in range(D_SAE):
-        effect = (case.sae.W_dec[i].detach().double() * scale) @ w_u
+        d = case.sae.W_dec[i].detach().double()
+        effect = ((d - d.mean()) * scale) @ w_u  # the final LayerNorm removes the mean, then scales by w
         order = torch.argsort(effect, descending=True)
         got = case.stats.feature(i)["logits"]
         assert [e["token"] for e in got["positive"]] == [case.stats.token_strings[t] for t in order[:n].tolist()]
@@ -266,17 +266,6 @@ def test_empty_or_bad_token_sets(model, windows):
         FeatureStats.compute(model, sae, windows + 4096, **kw)
     with pytest.raises(ValueError, match="d_in=128"):
         FeatureStats.compute(model, SAE(SAEConfig(arch="relu", d_in=128, d_sae=8, hook=HOOK)), windows, **kw)
-
-
-def test_final_norm_scale_handles_folded_norms(model):
-    torch.testing.assert_close(final_norm_scale(model), model.ln_final.w.detach().float())
-    w = torch.tensor([2.0, 3.0])
-    unfolded = SimpleNamespace(cfg=SimpleNamespace(d_model=2, normalization_type="LN"), ln_final=SimpleNamespace(w=w))
-    torch.testing.assert_close(final_norm_scale(unfolded), w)
-    for folded in (SimpleNamespace(cfg=SimpleNamespace(d_model=2, normalization_type="LNPre"), ln_final=SimpleNamespace()),
-                   SimpleNamespace(cfg=SimpleNamespace(d_model=2, normalization_type="RMSPre"),
-                                   ln_final=SimpleNamespace(w=w))):
-        torch.testing.assert_close(final_norm_scale(folded), torch.ones(2))
 
 
 def test_attention_z_decoder_goes_through_w_o(model):

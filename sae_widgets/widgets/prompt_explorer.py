@@ -9,25 +9,24 @@ import torch
 import traitlets
 
 from ..activations import stop_layer_for, validate_hooks
+from ..token_input import decode, is_token_ids, prompt_tokens, token_ids, token_labels
 from ._common import LiveStaticWidget, check_optional_index, esc, jsonable, widget_css, widget_esm
 from .feature_dashboard import check_optional_latent, feature_payload
 from .static_html import color_scale, dashboard_html, tokens_html
 
 
 @torch.no_grad()
-def prompt_latents(model, sae, text: str, *, prepend_bos: bool = True) -> tuple[list[str], torch.Tensor]:
-    """(token strings, latents [n_tokens, d_sae]) of `text` at the SAE's hook; the BOS position is dropped."""
-    tok = model.tokenizer
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    if not ids:
+def prompt_latents(model, sae, text, *, prepend_bos: bool = True) -> tuple[list[str], torch.Tensor]:
+    """(token strings, latents [n_tokens, d_sae]) of `text` (text or token ids) at the SAE's hook; the BOS position
+    is dropped. Without a tokenizer the token strings are `#id`."""
+    if isinstance(text, str) and not text or not isinstance(text, str) and len(token_ids(model, text)) == 0:
         raise ValueError("the prompt is empty: type some text")
-    bos = prepend_bos and tok.bos_token_id is not None
-    if len(ids) + bos > model.cfg.n_ctx:
-        raise ValueError(f"the prompt has {len(ids)} tokens; the model's context is {model.cfg.n_ctx} tokens"
-                         f"{' including BOS' if bos else ''}")
+    tokens, bos = prompt_tokens(model, text, prepend_bos=prepend_bos)
+    if tokens.shape[1] > model.cfg.n_ctx:
+        raise ValueError(f"the prompt has {tokens.shape[1] - bos} tokens; the model's context is {model.cfg.n_ctx} "
+                         f"tokens{' including BOS' if bos else ''}")
     hook = sae.cfg.hook
     validate_hooks(model, [hook])
-    tokens = torch.tensor([([tok.bos_token_id] if bos else []) + ids], device=model.cfg.device)
     captured = {}
 
     def grab(act, hook):
@@ -38,7 +37,7 @@ def prompt_latents(model, sae, text: str, *, prepend_bos: bool = True) -> tuple[
     x = captured["x"].reshape(tokens.shape[1], -1)[int(bos):]
     param = next(sae.parameters())
     f = sae.encode(x.to(device=param.device, dtype=param.dtype)).float().cpu()
-    return [tok.decode([i]) for i in ids], f
+    return token_labels(model, tokens[0, int(bos):].tolist()), f
 
 
 def top_latents_per_token(f: torch.Tensor, k: int) -> list[list[list[float]]]:
@@ -68,8 +67,10 @@ class PromptExplorer(LiveStaticWidget):
     feature = traitlets.Dict().tag(sync=True)
     error = traitlets.Unicode("").tag(sync=True)
     k = traitlets.Int(5).tag(sync=True)                 # top latents per token
+    token_ids = traitlets.List(traitlets.Int())         # a prompt given as ids; `text` then shows it (typing clears it)
 
-    def __init__(self, model, sae, stats, text: str = "", *, k: int = 5, **kwargs):
+    def __init__(self, model, sae, stats, text="", *, k: int = 5, **kwargs):
+        """`text`: the prompt, as text or as token ids (a list of ints or a 1-D tensor; needed without a tokenizer)."""
         if int(stats.d_sae) != sae.cfg.d_sae:
             raise ValueError(f"stats describe {stats.d_sae} latents but the SAE has d_sae={sae.cfg.d_sae}: "
                              f"pass the statistics computed for this SAE")
@@ -77,14 +78,33 @@ class PromptExplorer(LiveStaticWidget):
             raise ValueError(f"k={k} must be >= 1")
         self.model, self.sae, self.stats = model, sae, stats
         self._latents = torch.zeros(0, sae.cfg.d_sae)
+        self._showing_ids = False
         super().__init__(k=k, **kwargs)
-        if text:
+        if not isinstance(text, str) and is_token_ids(text):
+            self.token_ids = token_ids(model, text)
+        elif text:
             self.text = text
+
+    @traitlets.observe("token_ids")
+    def _ids_changed(self, change):
+        if not change["new"]:
+            return
+        self._showing_ids = True
+        try:
+            self.text = decode(self.model, change["new"])
+        finally:
+            self._showing_ids = False
+        self._run()
 
     @traitlets.observe("text", "k")
     def _run(self, change=None):
+        if change is not None and change["name"] == "text":
+            if self._showing_ids:
+                return  # _ids_changed runs it once the text shows the ids
+            if self.token_ids:
+                self.token_ids = []  # typed text replaces a prompt given as ids
         try:
-            tokens, f = prompt_latents(self.model, self.sae, self.text)
+            tokens, f = prompt_latents(self.model, self.sae, self.token_ids or self.text)
         except ValueError as e:
             tokens, f = [], torch.zeros(0, self.sae.cfg.d_sae)
             err = str(e)
