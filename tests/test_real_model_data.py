@@ -170,6 +170,20 @@ def test_without_tokenizer_text_is_a_one_line_error_and_ids_work(bare_model):
     assert res.heldout_tokens == 4 * (N_CTX - 1) and res.perplexity_steered > 0
     json.dumps(res.to_dict())
 
+    # the steering panel takes ids too, and generates what steer generates from them
+    panel = sw.SteeringPanel(model, sae, prompt=[5, 6, 7], max_new_tokens=2, temperature=0.0)
+    assert panel.prompt == "#5 #6 #7" and panel.prompt_ids == [5, 6, 7]
+    panel.add_latent(3, 4.0, "add")
+    run = panel.generate()
+    direct = sw.steer(model, sae, [5, 6, 7], edits, max_new_tokens=2, temperature=0, n_samples=1,
+                      n_heldout_windows=0)
+    assert run["steered"]["tokens"] == direct.steered[0].new_str_tokens
+    assert run["baseline"]["tokens"] == direct.baseline[0].new_str_tokens
+    panel.prompt = "typed text"  # typing replaces the ids; without a tokenizer generating is the one-line error
+    assert panel.prompt_ids == []
+    with pytest.raises(ValueError, match="without a tokenizer"):
+        panel.generate()
+
 
 def test_without_tokenizer_the_cli_trains_evaluates_and_the_sae_steers_from_ids(folders, tmp_path):
     """`sae-widgets train --tokenizer none --tokens-file ... --eval-tokens-file ...` on a folder with no tokenizer."""

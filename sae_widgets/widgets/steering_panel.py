@@ -13,6 +13,7 @@ import traitlets
 
 from ..steering import POSITION_KEYWORDS, LatentEdit, check_sae_fits, latent_activations
 from ..steering_report import steer
+from ..token_input import decode, is_token_ids, token_ids
 from ._common import LiveStaticWidget, check_choice, check_optional_index, esc, fmt, jsonable, widget_css, widget_esm
 from .feature_dashboard import check_latent
 from .static_html import color_scale, tokens_html
@@ -42,6 +43,7 @@ class SteeringPanel(LiveStaticWidget):
     _static_traits = ("prompt", "edits", "history", "selected", "error")
 
     prompt = traitlets.Unicode("").tag(sync=True)
+    prompt_ids = traitlets.List(traitlets.Int())      # a prompt given as token ids; `prompt` shows it (typing clears it)
     edits = traitlets.List().tag(sync=True)           # [{latent, mode, value}], one per latent
     positions = traitlets.Unicode("all").tag(sync=True)
     seed = traitlets.Int(0).tag(sync=True)
@@ -55,15 +57,23 @@ class SteeringPanel(LiveStaticWidget):
     busy = traitlets.Bool(False).tag(sync=True)
     error = traitlets.Unicode("").tag(sync=True)
 
-    def __init__(self, model, sae, stats=None, *, prompt: str = "", max_matches: int = 20, **kwargs):
+    def __init__(self, model, sae, stats=None, *, prompt="", max_matches: int = 20, **kwargs):
+        """`prompt`: text, or token ids (a list of ints or a 1-D tensor; what works without a tokenizer)."""
         check_sae_fits(model, sae)
         if stats is not None and int(stats.d_sae) != sae.cfg.d_sae:
             raise ValueError(f"stats describe {stats.d_sae} latents but the SAE has d_sae={sae.cfg.d_sae}: "
                              f"pass the statistics computed for this SAE")
         self.model, self.sae, self.stats, self.max_matches = model, sae, stats, max_matches
         self._columns = stats.columns() if stats is not None else None
-        super().__init__(d_sae=sae.cfg.d_sae, prompt=prompt, **kwargs)
+        ids = token_ids(model, prompt) if not isinstance(prompt, str) and is_token_ids(prompt) else []
+        super().__init__(d_sae=sae.cfg.d_sae, prompt=decode(model, ids) if ids else prompt, **kwargs)
+        self.prompt_ids = ids
         self.on_msg(self._on_front_end_msg)
+
+    @traitlets.observe("prompt")
+    def _prompt_typed(self, change):
+        if self.prompt_ids and change["new"] != decode(self.model, self.prompt_ids):
+            self.prompt_ids = []  # typed text replaces a prompt given as ids
 
     # -- validation of the settings
     @traitlets.validate("positions")
@@ -118,13 +128,13 @@ class SteeringPanel(LiveStaticWidget):
     # -- generation
     def generate(self, *, n_heldout_windows: int = 0) -> dict:
         """Baseline and steered completions of `prompt` (same seed); appends the run to `history` and selects it."""
-        if not self.prompt:
+        if not (self.prompt_ids or self.prompt):
             raise ValueError("the prompt is empty: set panel.prompt first")
         edits = self.latent_edits()
         latents = [e.latent for e in edits]
         self.busy = True
         try:
-            result = steer(self.model, self.sae, self.prompt, edits, seed=self.seed, n_samples=1,
+            result = steer(self.model, self.sae, self.prompt_ids or self.prompt, edits, seed=self.seed, n_samples=1,
                            max_new_tokens=self.max_new_tokens, temperature=self.temperature,
                            track_latents=latents, n_heldout_windows=n_heldout_windows)
             run = self._run_record(result, latents)
