@@ -135,24 +135,34 @@ def test_model_batches_split_over_ranks_give_the_single_process_rows(model, fact
     """factor 1.2 drops many rows as 'massive': the median must be the whole model batch's on every rank."""
     import threading
 
+    from sae_widgets.models import load_model
+
     kw = dict(n_ctx=16, prepend_bos=True, keep_bos_rows=False, model_batch_size=5, dtype=torch.float32,
               massive_norm_factor=factor)
     plain = ModelRows(model, [HOOK], EmbeddedCorpus("train"), **kw)
-    shares, barrier = {}, threading.Barrier(2)
-    sharded = [ShardedModelRows(ThreadRank(r, shares, barrier), model, [HOOK], EmbeddedCorpus("train"), **kw)
-               for r in range(2)]
+    # each rank its own copy of the model, as in torchrun: hooks live on the model, so two threads running one
+    # model at once would capture each other's activations; a timeout turns a rank's error into a failure, not a hang
+    shares, barrier = {}, threading.Barrier(2, timeout=120)
+    sharded = [ShardedModelRows(ThreadRank(r, shares, barrier), m, [HOOK], EmbeddedCorpus("train"), **kw)
+               for r, m in enumerate([model, load_model(device="cpu")])]
     for _ in range(3):
         want = plain.next_rows()
-        got = [None, None]
+        got, errors = [None, None], []
 
         def run(r):
-            got[r] = sharded[r].next_rows()
+            try:
+                got[r] = sharded[r].next_rows()
+            except BaseException as e:  # re-raised below, in the test's thread
+                errors.append(e)
+                barrier.abort()
 
         threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
+        if errors:
+            raise errors[0]
         assert len(shares[0]) == 3 * 16 and len(shares[1]) == 2 * 16  # 3 + 2 windows
         for g in got:
             assert torch.equal(g, want)
