@@ -1,6 +1,16 @@
-"""Crash-safe writes: temp file, fsync, rename. A reader sees the old file or the new one, never half of one."""
+"""Crash-safe writes and checked reads.
+
+Writes go to a temp file beside the target, are fsynced and renamed over it, so a reader sees the old file or the
+new one, never half of one; a failed write removes its temp file. Files get the permissions the umask allows (as
+`open` gives them), so a shared run folder is readable by the group when the umask says so.
+
+Every safetensors file written here records a SHA-256 digest of its tensors in its header, and `load_safetensors`
+checks it: a truncated, bit-flipped or otherwise damaged file is a one-line `ValueError` naming the file, never a
+silent load of other numbers. Files written before digests existed load unchecked.
+"""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -8,7 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save
+
+from .faults import fault_point
+
+DIGEST_KEY = "sae_widgets.sha256"
+TMP_SUFFIX = ".tmp"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -21,12 +37,20 @@ def _fsync_dir(path: Path) -> None:
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    view = memoryview(data)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(view[: len(view) // 2])
+            fault_point("write", path)  # an injected ENOSPC / EIO / kill lands mid-file, where a real one does
+            f.write(view[len(view) // 2:])
+            f.flush()
+            os.fsync(f.fileno())
+        fault_point("write.replace", path)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
 
 
@@ -34,15 +58,61 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8"))
 
 
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over each tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
 def save_safetensors_atomic(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
                             metadata: dict[str, str] | None = None) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = {**(metadata or {}), DIGEST_KEY: tensors_digest(tensors)}
+    write_bytes_atomic(path, save(tensors, metadata=meta))
+
+
+def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The header's metadata of a safetensors file (a `ValueError` naming the file if the header is unreadable)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+
+
+def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load every tensor of a safetensors file, checking the digest recorded when it was written (if any)."""
+    meta = safetensors_metadata(path)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+    want = meta.get(DIGEST_KEY)
+    if want is not None and tensors_digest(tensors) != want:
+        raise ValueError(f"{path} is corrupt: its tensors do not match the SHA-256 digest recorded when it was "
+                         f"written (a damaged disk or copy); use another copy or an older checkpoint")
+    return tensors
+
+
+def json_digest(obj: Any) -> str:
+    """SHA-256 of `obj` as canonical JSON: the same for equal objects, whatever the key order or indentation."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def remove_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temp files an interrupted write left in `folder` (not recursive); returns them."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    left = [p for p in folder.iterdir() if p.is_file() and p.name.endswith(TMP_SUFFIX)]
+    for p in left:
+        p.unlink(missing_ok=True)
+    return left
 
 
 def replace_dir_atomic(staging: Path, final: Path) -> None:
