@@ -12,6 +12,7 @@ order, and the buffer takes exactly the rows it needs, so a cached run yields th
 from __future__ import annotations
 
 import difflib
+import errno
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -19,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 
-from .atomic import save_safetensors_atomic, write_json_atomic
+from .atomic import (DIGEST_KEY, json_digest, load_safetensors, remove_temp_files, safetensors_metadata,
+                     save_safetensors_atomic, write_json_atomic)
 from .config_io import read_json
 from .row_filter import DEFAULT_MASSIVE_NORM_FACTOR, RowFilter
 from .special_tokens import boundary_tokens, excluded_token_ids, model_tokenizer
@@ -31,7 +33,11 @@ from .tokens import window_body
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 _EMBED_HOOKS = ("hook_embed", "hook_pos_embed", "embed.", "pos_embed.")
 MANIFEST = "manifest.json"
+MANIFEST_DIGEST = "manifest_sha256"  # json_digest of the manifest less this key; manifests before it load unchecked
 CACHE_FORMAT = 1
+_SHARD_NAME = re.compile(r"shard_\d{5,}\.safetensors")
+_OWN_FILE = re.compile(r"(shard_\d{5,}\.safetensors|manifest\.json)(\.tmp)?")
+_SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 
 
 # ----------------------------------------------------------------------------------------------- hooks
@@ -256,9 +262,23 @@ class CachedRows:
         shards = self.manifest["shards"]
         if self.shard == len(shards):
             self.shard, self.epoch = 0, self.epoch + 1
-        t = load_file(self.dir / shards[self.shard]["file"])
+        t = self.load_shard(self.shard)
         self.shard += 1
         return torch.cat([t[h] for h in self.hooks], dim=-1).to(self.device, self.dtype)
+
+    def load_shard(self, i: int) -> dict[str, torch.Tensor]:
+        """Shard `i`'s tensors, its header checked against the manifest before anything is allocated and its digest
+        after (a shard of a cache whose manifest has a digest must have one too)."""
+        entry = self.manifest["shards"][i]
+        path = self.dir / entry["file"]
+        meta, header = safetensors_header(path)
+        check_digest_field(path, meta, DIGEST_KEY, required=MANIFEST_DIGEST in self.manifest)
+        want = {h: (_SAFETENSORS_DTYPES[self.manifest["dtype"]], [entry["n_rows"], d])
+                for h, d in zip(self.hooks, self.d_hooks)}
+        if header != want:
+            raise ValueError(f"{path} holds {header}, but {self.dir / MANIFEST} says {want}: the cache is damaged; "
+                             f"delete {self.dir} and write the cache again")
+        return load_safetensors(path)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -272,7 +292,7 @@ class CachedRows:
         self.shard, self.epoch = state["shard"], state["epoch"]
 
     def describe(self) -> dict[str, Any]:
-        return {k: v for k, v in self.manifest.items() if k not in ("shards",)}
+        return {k: v for k, v in self.manifest.items() if k not in ("shards", MANIFEST_DIGEST)}
 
 
 # ----------------------------------------------------------------------------------------------- store
@@ -414,11 +434,106 @@ class ActivationStore(HookWidths):
 
 
 # ----------------------------------------------------------------------------------------------- disk cache
+def renamed_keys(keys, name: str) -> list[str]:
+    """Keys a few flipped bytes could have made of `name` (same length, at most 4 characters differ): a file whose
+    digest's key was damaged must not pass for an older file written without a digest."""
+    return [k for k in keys if isinstance(k, str) and k != name and len(k) == len(name)
+            and sum(a != b for a, b in zip(k, name)) <= 4]
+
+
+def check_digest_field(path: Path, keys, name: str, required: bool = False) -> bool:
+    """Whether `keys` hold the digest `name`; a ValueError naming `path` when it is damaged, or missing but required."""
+    if name in keys:
+        return True
+    if renamed_keys(keys, name) or required:
+        raise ValueError(f"{path} is damaged: its digest {name!r} is missing or misnamed "
+                         f"({sorted(map(str, keys))}); use another copy or write it again")
+    return False
+
+
+def safetensors_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[str, list[int]]]]:
+    """A safetensors file's metadata and its tensors' (dtype, shape), read from the header only (nothing allocated)."""
+    meta = safetensors_metadata(path)  # a ValueError naming the file if the header is unreadable
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return meta, {k: (f.get_slice(k).get_dtype(), list(f.get_slice(k).get_shape())) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+
+
+def load_checked_safetensors(path: str | os.PathLike, require_digest: bool = False) -> dict[str, torch.Tensor]:
+    """`atomic.load_safetensors`, where a misnamed digest key is damage rather than a file written without one."""
+    check_digest_field(Path(path), safetensors_metadata(path), DIGEST_KEY, required=require_digest)
+    return load_safetensors(path)
+
+
+def _is_count(v: Any, least: int = 0) -> bool:
+    return type(v) is int and v >= least
+
+
+def _manifest_problem(m: Any) -> str | None:
+    """What makes `m` unusable as a cache manifest (None when nothing does): the fields the readers rely on."""
+    if not isinstance(m, dict):
+        return f"it holds a {type(m).__name__}, not an object"
+    hooks, widths, shards = m.get("hooks"), m.get("d_hooks"), m.get("shards")
+    if not (isinstance(hooks, list) and hooks and all(isinstance(h, str) for h in hooks)):
+        return f"hooks={hooks!r} is not a list of hook names"
+    if not (isinstance(widths, list) and len(widths) == len(hooks) and all(_is_count(d, 1) for d in widths)):
+        return f"d_hooks={widths!r} is not one width per hook"
+    if m.get("dtype") not in _SAFETENSORS_DTYPES:
+        return f"dtype={m.get('dtype')!r} is not one of {sorted(_SAFETENSORS_DTYPES)}"
+    for key in ("n_rows", "n_tokens", "windows_done"):
+        if not _is_count(m.get(key)):
+            return f"{key}={m.get(key)!r} is not a count"
+    if not isinstance(m.get("complete"), bool):
+        return f"complete={m.get('complete')!r} is not true or false"
+    if not (isinstance(shards, list) and all(isinstance(e, dict) and isinstance(e.get("file"), str)
+                                             and _SHARD_NAME.fullmatch(e["file"]) and _is_count(e.get("n_rows"))
+                                             for e in shards)):
+        return "shards is not a list of {file: shard_NNNNN.safetensors, n_rows: count}"
+    if sum(e["n_rows"] for e in shards) != m["n_rows"]:
+        return f"its shards hold {sum(e['n_rows'] for e in shards)} rows, not n_rows={m['n_rows']}"
+    return None
+
+
 def read_manifest(cache_dir: str | os.PathLike) -> dict[str, Any]:
+    """The cache's manifest, its digest checked (if it was written with one) and its fields checked; damage is a
+    ValueError naming the file."""
     path = Path(cache_dir) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"no activation cache at {cache_dir}: {MANIFEST} is missing")
-    return read_json(path)
+    m = read_json(path)
+    if isinstance(m, dict) and check_digest_field(path, m, MANIFEST_DIGEST):
+        if m[MANIFEST_DIGEST] != json_digest({k: v for k, v in m.items() if k != MANIFEST_DIGEST}):
+            raise ValueError(f"{path} is corrupt: it does not match the digest it was written with; "
+                             f"delete {cache_dir} and write the cache again")
+    problem = _manifest_problem(m)
+    if problem:
+        raise ValueError(f"{path} is not a usable activation cache manifest: {problem}; "
+                         f"delete {cache_dir} and write the cache again")
+    return m
+
+
+def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_DIGEST}
+    write_json_atomic(out / MANIFEST, {**body, MANIFEST_DIGEST: json_digest(body)})
+
+
+def _remove_leftovers(out: Path, manifest: dict[str, Any]) -> None:
+    """Delete what an interrupted writer left: temp files, and shards written after the manifest's last one."""
+    listed = {e["file"] for e in manifest["shards"]} | {MANIFEST}
+    for p in out.iterdir():
+        if p.is_file() and _OWN_FILE.fullmatch(p.name) and p.name not in listed:
+            p.unlink(missing_ok=True)
+    if (out / MANIFEST).is_file():  # the folder is a cache: any temp file in it is an interrupted write's
+        remove_temp_files(out)
+
+
+def _cache_write_error(e: OSError, file: Path, out: Path, held: int, total: int) -> OSError:
+    """One line: the file that failed, how far the cache got, and that a rerun finishes it."""
+    advice = "free space" if e.errno == errno.ENOSPC else "fix the disk"
+    return OSError(e.errno, f"could not write {e.filename or file}: {e.strerror}; activation cache {out} holds "
+                            f"{held} of {total} rows; {advice} and run write_activation_cache again to finish it")
 
 
 def write_activation_cache(model, hooks: str | Sequence[str], cache_dir: str | os.PathLike, n_tokens: int,
@@ -430,8 +545,9 @@ def write_activation_cache(model, hooks: str | Sequence[str], cache_dir: str | o
                            massive_norm_factor: float | None = DEFAULT_MASSIVE_NORM_FACTOR) -> Path:
     """Write the first `n_tokens` activation rows to safetensors shards plus a JSON manifest.
 
-    Resumable: shards and manifest are written atomically, and a second call with the same settings
-    continues after the last complete shard (a finished cache is left as it is).
+    Resumable: shards and manifest are written atomically, and a second call with the same settings removes what an
+    interrupted one left and continues after the last complete shard (a finished cache is left as it is). A failed
+    write is an OSError saying how many rows the cache holds.
     """
     from tqdm.auto import tqdm
 
@@ -457,10 +573,11 @@ def write_activation_cache(model, hooks: str | Sequence[str], cache_dir: str | o
         if differing:
             raise ValueError(f"{out} already holds an activation cache with other settings {differing}; "
                              f"use another folder or delete this one")
-        manifest = old
-        if manifest["complete"]:
-            return out
+        manifest = {k: v for k, v in old.items() if k != MANIFEST_DIGEST}
         rows.load_state({"windows_done": manifest["windows_done"], **manifest.get("counts", {})})
+    _remove_leftovers(out, manifest)
+    if manifest["complete"]:
+        return out
     bar = tqdm(total=n_tokens, initial=manifest["n_rows"], desc="caching activations", unit="tok", disable=not show_progress)
     per_shard = max(1, shard_tokens // (model_batch_size * rows.rows_per_window))
     while manifest["n_rows"] < n_tokens:
@@ -472,13 +589,20 @@ def write_activation_cache(model, hooks: str | Sequence[str], cache_dir: str | o
         shard = torch.cat(chunks)[: n_tokens - manifest["n_rows"]]
         name = f"shard_{len(manifest['shards']):05d}.safetensors"
         split = torch.split(shard, rows.d_hooks, dim=-1)
-        save_safetensors_atomic(out / name, dict(zip(hooks, split)))  # it makes each tensor contiguous
+        held = manifest["n_rows"]
         manifest["shards"].append({"file": name, "n_rows": len(shard)})
         manifest["n_rows"] += len(shard)
         manifest["windows_done"] = rows.windows_done
         manifest["counts"] = rows.counts
         manifest["complete"] = manifest["n_rows"] >= n_tokens
-        write_json_atomic(out / MANIFEST, manifest)
+        file = out / name
+        try:
+            save_safetensors_atomic(file, dict(zip(hooks, split)))  # it makes each tensor contiguous
+            file = out / MANIFEST
+            _write_manifest(out, manifest)
+        except OSError as e:
+            bar.close()
+            raise _cache_write_error(e, file, out, held, n_tokens) from e
         bar.update(len(shard))
     bar.close()
     return out

@@ -22,6 +22,25 @@ class UsageError(Exception):
     """A mistake in what the user typed: reported in one line, exit status 2."""
 
 
+class RunFailure(Exception):
+    """A command that started well failed on the way (a full disk, a damaged file): one line, exit status 1."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with usage errors in one line (the usage itself is one `--help` away), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line: an OSError's reason and file, or the first line of the message."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
 def packaged_notebook(name: str = QUICKSTART) -> Path:
     """The pristine copy shipped in the package (`notebooks/` is installed as `sae_widgets/notebooks`)."""
     return Path(str(resources.files("sae_widgets") / "notebooks" / name))
@@ -100,9 +119,9 @@ def cmd_quickstart(args: argparse.Namespace, extra: list[str]) -> int:
 
 def run_headless(out: Path, params: dict) -> int:
     """Execute the quickstart with papermill in `out`, export HTML, print the paths and the metrics."""
-    import nbformat
     import papermill
-    from nbconvert import HTMLExporter
+
+    from .notebook_export import export_html
 
     out.mkdir(parents=True, exist_ok=True)
     executed, html = out / QUICKSTART, out / QUICKSTART.replace(".ipynb", ".html")
@@ -114,8 +133,7 @@ def run_headless(out: Path, params: dict) -> int:
                                    kernel_name="python3", cwd=str(out), progress_bar=True)
     except papermill.PapermillExecutionError as e:
         failure = e
-    body, _ = HTMLExporter().from_notebook_node(nbformat.read(executed, as_version=4))
-    html.write_text(body, encoding="utf-8")
+    export_html(executed, html)
     print(f"executed notebook: {executed}\nhtml: {html}")
     if failure is not None:
         print(f"[sae-widgets] the notebook failed in cell {failure.exec_count}: {failure.ename}: {failure.evalue}",
@@ -125,10 +143,25 @@ def run_headless(out: Path, params: dict) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """An executed notebook as one HTML file that opens with no network (widgets as their static copies)."""
+    from .notebook_export import export_html
+
+    try:
+        html = export_html(Path(args.notebook), args.out)
+    except (FileNotFoundError, ValueError) as e:  # a wrong path or not a notebook: the user's to fix
+        raise UsageError(str(e)) from None
+    print(f"html: {html}")
+    return 0
+
+
 def cmd_hooks(args: argparse.Namespace) -> int:
     from .models import load_model
 
-    model = load_model(args.model, device="cpu")
+    try:
+        model = load_model(args.model, device="cpu")
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(str(e)) from e
     names = list(model.hook_dict)
     print(f"model {model.sae_widgets_name}: n_layers={model.cfg.n_layers} d_model={model.cfg.d_model} "
           f"hooks={len(names)}")
@@ -180,7 +213,9 @@ def _run_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = N
     from .models import MODEL_DTYPES
     from .runs import FIELD_HELP, SAE_DTYPES, RunConfig
 
-    choices = {"sae_dtype": SAE_DTYPES, "model_dtype": tuple(MODEL_DTYPES)}
+    from .sae import ARCHS
+
+    choices = {"sae_dtype": SAE_DTYPES, "model_dtype": tuple(MODEL_DTYPES), "arch": ARCHS}
     hints = typing.get_type_hints(RunConfig)
     for f in dataclasses.fields(RunConfig):
         if only is not None and f.name not in only:
@@ -232,6 +267,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"\ninterrupted: the last checkpoint is kept; continue with  sae-widgets train --resume {args.resume or cfg.out}",
               file=sys.stderr)
         return 130
+    except OSError as e:  # a full or failing disk while training: the message names the last good checkpoint
+        raise RunFailure(f"{one_line(e)}; continue with  sae-widgets train --resume {cfg.out}") from e
     if result is None:  # data-parallel: a rank other than 0 (rank 0 prints the result)
         return 0
     print(result["table"])
@@ -306,11 +343,14 @@ def cmd_course(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sae-widgets", description="Sparse autoencoders on transformer_lens "
+    parser = OneLineParser(prog="sae-widgets", description="Sparse autoencoders on transformer_lens "
                                      "models, in JupyterLab.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
 
-    q = sub.add_parser("quickstart", help="open the quickstart notebook in JupyterLab, or run it headless",
+    q = sub.add_parser("quickstart", parents=[common],
+                       help="open the quickstart notebook in JupyterLab, or run it headless",
                        description="Open the quickstart notebook in JupyterLab (a copy in --out; an existing copy "
                        "is kept). Other --Option=value arguments go to JupyterLab, e.g. --IdentityProvider.token=T.")
     q.add_argument("--headless", action="store_true",
@@ -323,13 +363,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "through SSH port forwarding); 0.0.0.0 listens on every interface")
     q.add_argument("--no-browser", action="store_true", help="do not open a browser (a server without a display)")
 
-    h = sub.add_parser("hooks", help="list a model's hook names")
+    h = sub.add_parser("hooks", parents=[common], help="list a model's hook names")
     h.add_argument("--model", default=None, help="embedded name, local HF folder or cached hub name "
                    "(default: the embedded model)")
 
-    sub.add_parser("info", help="versions, the embedded model and the device")
+    sub.add_parser("info", parents=[common], help="versions, the embedded model and the device")
 
-    c = sub.add_parser("cache", help="write a resumable disk cache of activations (safetensors shards + manifest)",
+    c = sub.add_parser("cache", parents=[common],
+                       help="write a resumable disk cache of activations (safetensors shards + manifest)",
                        description="Run the model over a token source and store the activations at one hook "
                        "(or an input/output pair) in shards; running it again finishes an interrupted cache.")
     c.add_argument("--hook", action="append", required=True, help="hook name; give it twice for a transcoder pair")
@@ -346,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "bfloat16 or float16")
     _run_flags(c, only=DATA_FLAGS)
 
-    t = sub.add_parser("train", help="train an SAE or transcoder headless (progress bar, checkpoints, metrics)",
+    t = sub.add_parser("train", parents=[common],
+                       help="train an SAE or transcoder headless (progress bar, checkpoints, metrics)",
                        description="Train an SAE on a model's activations. Settings come from flags and/or a JSON "
                        "--config with the same keys (underscores); flags win. Writes DIR/run_config.json, "
                        "DIR/checkpoints/, DIR/sae/ and DIR/metrics.json. Example: sae-widgets train --hook "
@@ -355,7 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     _run_flags(t)
 
-    e = sub.add_parser("eval", help="print the metrics table of a trained SAE (held-out split)")
+    e = sub.add_parser("eval", parents=[common],
+                       help="print the metrics table of a trained SAE (held-out split)")
     e.add_argument("dir", help="a run folder (from train) or an SAE folder")
     e.add_argument("--tokens", type=int, default=None, help="evaluation tokens (default: the run's eval_tokens)")
     e.add_argument("--cache", default=None, help="evaluate on a disk cache instead of the held-out corpus split")
@@ -363,12 +406,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     co = sub.add_parser("course", help="build the course: student and instructor copies of the notebooks")
     co_sub = co.add_subparsers(dest="course_command", required=True, metavar="ACTION")
-    cb = co_sub.add_parser("build", help="write OUT/student/ (exercises stubbed) and OUT/instructor/ (all sources)",
+    cb = co_sub.add_parser("build", parents=[common],
+                           help="write OUT/student/ (exercises stubbed) and OUT/instructor/ (all sources)",
                            description="Copy every notebook of --src twice, outputs cleared: OUT/instructor/ as "
                            "written, OUT/student/ with each cell tagged 'solution' replaced by its '# EXERCISE:' "
                            "line and a NotImplementedError naming the task. Both folders are replaced as a whole.")
     cb.add_argument("--src", default=None, help="folder of notebooks (default: the notebooks shipped in the package)")
     cb.add_argument("--out", required=True, help="output folder")
+
+    x = sub.add_parser("export", parents=[common], help="export an executed notebook to HTML that needs no network",
+                       description="Write NOTEBOOK as one self-contained HTML file: the widgets show as their static "
+                       "copies, and no script, stylesheet, font or image is loaded from the web (no require.js, "
+                       "MathJax or widget manager from a CDN; math shows as its TeX source).")
+    x.add_argument("notebook", metavar="NOTEBOOK", help="an .ipynb file, e.g. one executed by papermill")
+    x.add_argument("--out", metavar="HTML", default=None, help="HTML file to write (default: NOTEBOOK with .html)")
 
     # Later subcommands: add their parser here and a cmd_* function above.
     return parser
@@ -378,13 +429,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     try:
-        if args.command == "quickstart":
-            return cmd_quickstart(args, extra)
-        if extra:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        commands = {"hooks": cmd_hooks, "info": cmd_info, "cache": cmd_cache, "train": cmd_train, "eval": cmd_eval,
-                    "course": cmd_course}
-        return commands[args.command](args)
-    except UsageError as e:
+        return run_command(parser, args, extra)
+    except (UsageError, RunFailure) as e:
         print(f"sae-widgets {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return 2 if isinstance(e, UsageError) else 1
+    except Exception as e:  # anything else: still one line, and the traceback on request
+        if args.debug:
+            raise
+        what = one_line(e) if isinstance(e, OSError) else f"{type(e).__name__}: {one_line(e)}"
+        print(f"sae-widgets {args.command}: error: {what} (--debug shows the traceback)", file=sys.stderr)
+        return 1
+
+
+def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]) -> int:
+    if args.command == "quickstart":
+        return cmd_quickstart(args, extra)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    commands = {"hooks": cmd_hooks, "info": cmd_info, "cache": cmd_cache, "train": cmd_train, "eval": cmd_eval,
+                "course": cmd_course, "export": cmd_export}
+    return commands[args.command](args)

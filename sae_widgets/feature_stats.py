@@ -17,24 +17,26 @@ their description can never disagree.
 from __future__ import annotations
 
 import copy
+import errno
 import hashlib
 import json
 import math
 import operator
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .atomic import save_safetensors_atomic
+from .atomic import DIGEST_KEY, safetensors_metadata, save_safetensors_atomic, tensors_digest
 from .feature_stats_sweep import Sweep, logit_effects
 
 FILE_NAME = "feature_stats.safetensors"
 FORMAT = "sae_widgets.feature_stats/1"
+META_DIGEST = "meta_sha256"  # sha256 of the header's "meta" JSON (the tensors' digest does not cover the header)
 LAZY = ("top_ctx_ids", "top_ctx_acts", "q_ctx_ids", "q_ctx_acts")  # the big arrays: read one latent at a time
 TOP_TOKENS_SHOWN = 5
 
@@ -184,33 +186,56 @@ class FeatureStats:
 
     # ------------------------------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> Path:
-        """Write one safetensors file (arrays + JSON metadata in its header) atomically; a folder gets FILE_NAME."""
+        """Write one safetensors file (arrays + JSON metadata in its header) atomically; a folder gets FILE_NAME.
+        A failed write is a one-line OSError, and the file there before (if any) is left as it was."""
         file = resolve_file(path)
         file.parent.mkdir(parents=True, exist_ok=True)
         arrays = dict(self._arrays)
         for name in LAZY:
             arrays[name] = self._full(name)
-        save_safetensors_atomic(file, arrays, metadata={"format": FORMAT, "meta": json.dumps(self.meta)})
+        meta = json.dumps(self.meta)
+        had = file.is_file()
+        try:
+            save_safetensors_atomic(file, arrays, metadata={"format": FORMAT, "meta": meta, META_DIGEST: _sha256(meta)})
+        except OSError as e:
+            advice = "free space" if e.errno == errno.ENOSPC else "fix the disk"
+            before = "the file there before is unchanged" if had else "no file was written"
+            raise OSError(e.errno, f"could not save feature statistics to {file}: {e.strerror}; {before}; "
+                                   f"{advice} and save again") from e
         return file
 
     @classmethod
-    def load(cls, path: str | os.PathLike, sae=None) -> FeatureStats:
-        """Open stats saved by `save`; with `sae`, check they were computed for that very SAE."""
+    def load(cls, path: str | os.PathLike, sae=None, verify: bool = True) -> FeatureStats:
+        """Open stats saved by `save`; with `sae`, check they were computed for that very SAE.
+
+        The header's JSON is checked against its digest; with `verify` the arrays are too, in one pass that reads
+        the file a tensor at a time (about a second per GB, peak memory one array); the big context arrays are then
+        still read per latent, on demand. `verify=False` skips that pass for a large file you trust.
+        """
         from safetensors import SafetensorError, safe_open
+
+        from .activations import check_digest_field
 
         file = resolve_file(path)
         if not file.is_file():
             raise FileNotFoundError(f"no feature statistics at {file}")
-        try:
-            handle = safe_open(str(file), framework="pt")
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"{file} is not a readable safetensors file: {e}") from e
-        header = handle.metadata() or {}
+        header = safetensors_metadata(file)  # a ValueError naming the file when the header is unreadable
         if header.get("format") != FORMAT:
             raise ValueError(f"{file} has format {header.get('format')!r}, expected {FORMAT!r}")
-        meta = json.loads(header["meta"])
-        arrays = {k: handle.get_tensor(k) for k in handle.keys() if k not in LAZY}
-        stats = cls(arrays, meta, lazy=handle)
+        meta_digested = check_digest_field(file, header, META_DIGEST)
+        check_digest_field(file, header, DIGEST_KEY, required=meta_digested)
+        if meta_digested and _sha256(header.get("meta", "")) != header[META_DIGEST]:
+            raise ValueError(f"{file} is corrupt: its metadata does not match the digest it was written with; "
+                             f"compute the statistics again")
+        try:
+            handle = safe_open(str(file), framework="pt")
+            if verify and DIGEST_KEY in header and tensors_digest(_TensorsOnDemand(handle)) != header[DIGEST_KEY]:
+                raise ValueError("its arrays do not match the digest they were written with")
+            arrays = {k: handle.get_tensor(k) for k in handle.keys() if k not in LAZY}
+            stats = cls(arrays, json.loads(header["meta"]), lazy=handle)
+        except (SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise ValueError(f"{file} is not readable feature statistics (damaged?): {e}; "
+                             f"compute the statistics again") from e
         if sae is not None:
             stats.check_sae(sae)
         return stats
@@ -322,6 +347,27 @@ class FeatureStats:
         alive = int((self._arrays["count"] > 0).sum())
         return (f"FeatureStats(d_sae={self.d_sae}, n_tokens={self.n_tokens}, alive={alive}, "
                 f"hook={self.meta.get('hook')!r})")
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class _TensorsOnDemand(Mapping):
+    """The tensors of an open safetensors file as a mapping that reads each one only when asked, so
+    `tensors_digest` hashes a large file holding one array at a time."""
+
+    def __init__(self, handle):
+        self._handle = handle
+
+    def __iter__(self):
+        return iter(self._handle.keys())
+
+    def __len__(self) -> int:
+        return len(self._handle.keys())
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._handle.get_tensor(name)
 
 
 # ----------------------------------------------------------------------------------------------- token windows

@@ -55,6 +55,23 @@ def check_sampling(temperature: float, top_p: float, max_new_tokens: int) -> Non
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1")
 
 
+def check_fits_context(model, tokens: torch.Tensor, has_bos: bool, max_new_tokens: int = 0,
+                       what: str = "the prompt") -> None:
+    """A one-line error when `tokens` [1, P] (plus `max_new_tokens`) overflow the model's context. It counts the
+    prompt as given, BOS apart (as the PromptExplorer does), so a 12,001-token prompt is reported as 12001 tokens."""
+    n_ctx, total = model.cfg.n_ctx, tokens.shape[1]
+    if total + max_new_tokens <= n_ctx:
+        return
+    bos = int(has_bos)
+    plus = f" + max_new_tokens={max_new_tokens}" if max_new_tokens else ""
+    room = n_ctx - bos - max_new_tokens
+    fix = (f"at most {room} tokens fit{f' with max_new_tokens={max_new_tokens}' if max_new_tokens else ''}"
+           if room >= 1 else f"max_new_tokens must be below {n_ctx - bos}")
+    raise ValueError(f"{what} has {total - bos} tokens{' plus BOS' if bos else ''}: {total}{plus} exceeds the model's "
+                     f"context of {n_ctx} tokens; {fix} (nothing is cut off: shorten it"
+                     f"{' or lower max_new_tokens' if max_new_tokens else ''})")
+
+
 def next_token(logits: torch.Tensor, generator: torch.Generator, temperature: float, top_p: float) -> torch.Tensor:
     """One token per row of `logits` [B, vocab]: argmax at temperature 0, else a nucleus (top-p) sample."""
     if temperature == 0:
@@ -114,6 +131,7 @@ def generate_samples(model, sae, prompt, interventions=None, *, n_samples: int =
         raise ValueError(f"n_samples={n_samples!r} must be an int >= 1")
     check_sampling(temperature, top_p, max_new_tokens)
     tokens, has_bos = prompt_tokens(model, prompt, prepend_bos=prepend_bos)
+    check_fits_context(model, tokens, has_bos, max_new_tokens)
     hooks = steering_hooks(model, sae, interventions or [], prompt_len=tokens.shape[1], skip_bos=has_bos)
     new = sample(model, tokens.expand(n_samples, -1), fwd_hooks=hooks, seed=seed, max_new_tokens=max_new_tokens,
                  temperature=temperature, top_p=top_p, stop_at_eos=stop_at_eos).tolist()

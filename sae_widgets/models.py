@@ -37,6 +37,22 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub (HF_ENDPOINT) cannot be reached right now, or None if a TCP connection opens."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub.constants import ENDPOINT
+
+    url = urlparse(ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError as e:
+        return f"{url.hostname}:{port}: {e.strerror or e}"
+    return None
+
+
 def resolve_model_source(name: str | os.PathLike | None = None) -> str:
     """Where the files of `name` are: an embedded model's folder, a local folder, or a cached hub snapshot."""
     if name is None or str(name) in EMBEDDED_MODELS:
@@ -48,18 +64,22 @@ def resolve_model_source(name: str | os.PathLike | None = None) -> str:
         return str(path)
     if isinstance(name, Path) or str(name).startswith((".", "/", "~")):
         raise FileNotFoundError(f"model folder {str(name)!r} does not exist")
-    if _offline():
-        from huggingface_hub import try_to_load_from_cache
-        from huggingface_hub.constants import HF_HUB_CACHE
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.constants import HF_HUB_CACHE
 
-        cached = try_to_load_from_cache(str(name), "config.json", cache_dir=os.environ.get("HF_HUB_CACHE", HF_HUB_CACHE))
-        if not isinstance(cached, str):
-            raise FileNotFoundError(
-                f"model {str(name)!r} is not in the local Hugging Face cache "
-                f"({os.environ.get('HF_HUB_CACHE', HF_HUB_CACHE)}) and HF_HUB_OFFLINE=1 forbids downloading it. "
-                f"Use the embedded default (load_model()), pass a local HF-format folder "
-                f"(load_model('/path/to/{str(name).split('/')[-1]}')), or download it once with network access."
-            )
+    cache_dir = os.environ.get("HF_HUB_CACHE", HF_HUB_CACHE)
+    cached = try_to_load_from_cache(str(name), "config.json", cache_dir=cache_dir)
+    if isinstance(cached, str):  # in the cache: load the snapshot folder, with no network round trip at all
+        return str(Path(cached).parent)
+    hint = (f"Use the embedded default (load_model()), pass a local HF-format folder "
+            f"(load_model('/path/to/{str(name).split('/')[-1]}')), or download it once with network access")
+    if _offline():
+        raise FileNotFoundError(f"model {str(name)!r} is not in the local Hugging Face cache ({cache_dir}) and "
+                                f"HF_HUB_OFFLINE=1 forbids downloading it. {hint}.")
+    unreachable = hub_unreachable()
+    if unreachable:  # fail in seconds, instead of huggingface_hub's retries (about 25 s) and a long traceback
+        raise FileNotFoundError(f"model {str(name)!r} is not in the local Hugging Face cache ({cache_dir}) and the "
+                                f"hub cannot be reached ({unreachable}). {hint}.")
     return str(name)
 
 

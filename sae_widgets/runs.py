@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,7 @@ class RunConfig:
     matryoshka_prefixes: list[int] | None = None
     normalize: bool = True
     checkpoint_every: int = 100
+    checkpoint_minutes: float = 10.0   # and after this much wall time since the last checkpoint (0: by steps only)
     eval_tokens: int = 65536
     seed: int = 0
     device: str | None = None
@@ -98,7 +100,21 @@ class RunConfig:
         from .models import model_dtype
 
         model_dtype(self.model_dtype)
+        self.check_sizes()
 
+    def check_sizes(self) -> None:
+        """Every number and the SAE/trainer configs checked now, before a model is loaded (seconds) or a store built."""
+        positive = ("d_sae", "tokens", "n_ctx", "batch_size", "buffer_size", "model_batch_size", "eval_tokens",
+                    "dead_window_tokens")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a whole number >= 1")
+        if self.buffer_size < self.batch_size:
+            raise ValueError(f"buffer_size={self.buffer_size} must be >= batch_size={self.batch_size} (the store "
+                             f"shuffles batches out of its buffer)")
+        self.sae_config(d_in=1, d_out=1, model_name=None)  # arch, k, prefixes: SAEConfig's own checks
+        self.train_config()  # lr, checkpoint settings, precision on this device: TrainConfig's own checks
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         return strict_from_dict(cls, d, "run")
@@ -111,11 +127,27 @@ class RunConfig:
         if not path.is_file():
             raise FileNotFoundError(f"no run config at {path}")
         d = read_json(path)
+        if not isinstance(d, dict):
+            raise ValueError(f"{path} must hold a JSON object of run settings, not {type(d).__name__}")
         d.setdefault("sae_dtype", "float32")  # runs from before this field trained in fp32, and resume in fp32
         # runs from before the row filter kept special-token and massive-norm rows, and resume with the same rows
         d.setdefault("exclude_special_tokens", False)
         d.setdefault("massive_norm_factor", None)
+        # a run folder's config describes that folder: resuming or evaluating a moved or copied run works in the
+        # folder given, never in the path the run was started with (relative to some other directory, or the original)
+        d["out"] = str(path.parent)
         return cls.from_dict(d)
+
+    def with_absolute_paths(self) -> RunConfig:
+        """The input files (`tokens_file`, `eval_tokens_file`, `cache`, a local `model` or `tokenizer` folder) as
+        absolute paths, so the saved config works from any directory."""
+        def absolute(value):
+            if value is None or not Path(value).expanduser().exists():
+                return value  # a hub name, an embedded model, "none"
+            return str(Path(value).expanduser().resolve())
+
+        names = ("tokens_file", "eval_tokens_file", "cache", "model", "tokenizer")
+        return dataclasses.replace(self, **{n: absolute(getattr(self, n)) for n in names})
 
     def row_options(self) -> dict[str, Any]:
         """The store's window and row-filter settings (ActivationStore / ModelRows keywords)."""
@@ -147,6 +179,7 @@ class RunConfig:
     def train_config(self) -> TrainConfig:
         return TrainConfig(total_tokens=self.tokens, lr=self.lr, lr_warmup_steps=self.lr_warmup_steps,
                            dead_window_tokens=self.dead_window_tokens, checkpoint_every=self.checkpoint_every,
+                           checkpoint_minutes=self.checkpoint_minutes,
                            seed=self.seed, out_dir=self.out, progress=self.progress, autocast_bf16=self.sae_bf16,
                            init_tokens=min(16384, max(self.batch_size, self.tokens // 8)))
 
@@ -205,21 +238,33 @@ def train_run(cfg: RunConfig, resume: bool = False, callbacks=None, parallel=Non
     """
     from .distributed import FailureReport, data_parallel_for_run, mark_data_parallel
 
+    from .train import checkpoint_dirs
+
     out = Path(cfg.out)
-    if not resume and (out / "checkpoints").exists():
+    if not resume and checkpoint_dirs(out):
         raise FileExistsError(f"{out} already holds a run; resume it with --resume {out} or choose another --out")
+    if resume and not (out / RUN_CONFIG).is_file():
+        raise FileNotFoundError(f"{out} holds no {RUN_CONFIG}: not a run folder to resume")
+    if resume and not checkpoint_dirs(out):  # stopped before its first checkpoint: nothing to lose, start it over
+        print(f"[sae_widgets] {out} holds no checkpoint yet: training it from the beginning", file=sys.stderr)
+    if not resume:
+        cfg = cfg.with_absolute_paths()
     parallel = parallel or data_parallel_for_run(out, resume, torch.device(cfg.torch_device).type)
     if parallel is not None and parallel.world_size > 1:
         cfg = dataclasses.replace(cfg, progress=cfg.progress and parallel.is_writer)
         callbacks = [*(callbacks or []), FailureReport(parallel, out)]
-    if parallel is None or parallel.is_writer:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / RUN_CONFIG, asdict(cfg))
-        if parallel is not None:
-            mark_data_parallel(out, parallel)
+    if (parallel is None or parallel.is_writer) and not resume:  # a resumed run keeps the config it was started with
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(out / RUN_CONFIG, asdict(cfg))
+        except OSError as e:
+            raise ValueError(f"out={str(out)!r} (--out) cannot be written: {e.strerror or e}"
+                             f"{f' ({e.filename})' if e.filename else ''}; choose a folder you can write to") from None
+    if parallel is not None and parallel.is_writer:
+        mark_data_parallel(out, parallel)
     try:
         model, store, trainer = build_run(cfg, callbacks, parallel)
-        sae = trainer.run(resume=resume)
+        sae = trainer.run(resume=resume and bool(checkpoint_dirs(out)))
     except BaseException:
         if parallel is not None:
             parallel.close_after_error()
@@ -231,6 +276,18 @@ def train_run(cfg: RunConfig, resume: bool = False, callbacks=None, parallel=Non
     if parallel is not None:
         parallel.close()
     return result
+
+
+def finite_or_null(obj: Any) -> Any:
+    """NaN and infinities as JSON null (an undefined score, e.g. ce_loss_score at a hook whose ablation does not
+    raise the loss), so metrics.json is strict JSON that every reader accepts."""
+    if isinstance(obj, float):
+        return obj if obj == obj and abs(obj) != float("inf") else None
+    if isinstance(obj, dict):
+        return {k: finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_null(v) for v in obj]
+    return obj
 
 
 def evaluate_run(cfg: RunConfig, sae: SAE, model=None, n_tokens: int | None = None,
@@ -249,7 +306,7 @@ def evaluate_run(cfg: RunConfig, sae: SAE, model=None, n_tokens: int | None = No
     if training_rows:
         out["training_row_counts"] = dict(training_rows)
         table += "\n" + counts_line("training", training_rows)
-    write_json_atomic(Path(cfg.out) / "metrics.json", out)
+    write_json_atomic(Path(cfg.out) / "metrics.json", finite_or_null(out))
     return {"metrics": result.metrics, "table": table, "row_counts": result.row_counts,
             "training_row_counts": training_rows or {}}
 

@@ -31,17 +31,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
-from .atomic import save_safetensors_atomic, write_json_atomic
+from .atomic import json_digest, load_safetensors, save_safetensors_atomic, write_json_atomic
 from .config_io import read_json
-from .persistence import load_tensors_checked, refuse_pickles
+from .persistence import CONFIG_DIGEST_KEY, header_shapes, recorded_config_digest, refuse_pickles, sae_from_tensors
 from .sae import SAE, SAEConfig
 
 CFG_FILE, WEIGHTS_FILE = "cfg.json", "sae_weights.safetensors"
 ACTIVATION_SCALER_FILE = "activation_scaler.json"  # SAELens training checkpoints: {"scaling_factor": s}
 SAELENS_FORMAT_VERSION = "6.18.0"  # the SAELens release whose format export_saelens writes
+# cfg.json's `metadata` entries that change what a loaded SAE is; the rest (exported_by, training versions, ...) is
+# informational and may change freely. Every top-level entry counts (SAELens itself reads dtype, device, ...).
+DIGESTED_METADATA = ("sae_lens_version", "model_name", "hook_name", "hook_name_out", "hook_head_index",
+                     "hook_point", "hook_point_head_index")
 
 # SAELens architecture -> (our arch, transcoder?)
 LOADABLE = {
@@ -80,26 +82,35 @@ def load_saelens(path: str | os.PathLike, device: str | torch.device = "cpu", *,
     if missing:
         raise FileNotFoundError(f"{folder} is not an SAELens SAE folder: missing {missing} "
                                 f"(expected {CFG_FILE} + {WEIGHTS_FILE})")
-    cfg = read_json(folder / CFG_FILE)
+    cfg_file, weights_file = folder / CFG_FILE, folder / WEIGHTS_FILE
+    cfg = read_json(cfg_file)
     if not isinstance(cfg, dict):
-        raise ValueError(f"{folder / CFG_FILE} holds a {type(cfg).__name__}, not a JSON object")
-    try:
-        tensors = load_file(folder / WEIGHTS_FILE)
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{folder / WEIGHTS_FILE} is not a readable safetensors file: {e}") from e
-
-    spec = _parse_cfg(cfg, str(folder / CFG_FILE))
+        raise ValueError(f"{cfg_file} holds a {type(cfg).__name__}, not a JSON object")
+    spec = _parse_cfg(cfg, str(cfg_file))
+    recorded = recorded_config_digest(weights_file, ours=False)  # folders written by export_saelens record one
+    if recorded is not None and recorded != cfg_digest(cfg):
+        raise ValueError(f"{cfg_file} does not match the weights it was exported with (the digest in {weights_file} "
+                         f"differs; only metadata other than {list(DIGESTED_METADATA)} may be edited): restore the "
+                         f"exported {CFG_FILE} or export again")
     scale = _norm_scale(spec, folder, norm_scaling_factor)
-    state = _convert_tensors(spec, tensors, str(folder / WEIGHTS_FILE))
+    # shapes are checked from the header before any tensor is read; the config's sizes are only trusted after that
+    where = f"{weights_file} (for the SAE {cfg_file} describes)"
+    _check_shapes(spec, header_shapes(weights_file), where)
+    state = _convert_tensors(spec, load_safetensors(weights_file), where)
 
     our = SAEConfig(arch=spec["arch"], d_in=spec["d_in"], d_sae=spec["d_sae"], d_out=spec["d_out"], k=spec["k"],
                     hook=spec["hook"] or "", out_hook=spec["out_hook"], model_name=spec["model_name"],
                     normalize=scale != 1.0)
-    sae = SAE(our)
     state["in_scale"] = torch.tensor(scale, dtype=torch.float32)
     state["out_scale"] = torch.tensor(scale, dtype=torch.float32)
-    load_tensors_checked(sae, state, str(folder / WEIGHTS_FILE))
-    return sae.to(device).eval()
+    return sae_from_tensors(our, state, where).to(device).eval()
+
+
+def cfg_digest(cfg: dict[str, Any]) -> str:
+    """Digest of what cfg.json says about the weights: every top-level entry and the metadata entries that matter."""
+    meta = cfg.get("metadata")
+    kept = {k: meta[k] for k in DIGESTED_METADATA if k in meta} if isinstance(meta, dict) else meta
+    return json_digest({**cfg, "metadata": kept})
 
 
 def _saelens_version(cfg: dict[str, Any]) -> str | None:
@@ -135,10 +146,14 @@ def _parse_cfg(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     if missing:
         raise ValueError(f"{where}: missing config key(s) {missing} (SAELens {version or '<6'} format)")
     arch = cfg.get("architecture", "standard")
+    if not isinstance(arch, str):
+        raise ValueError(f"{where}: architecture={arch!r} must be a string, one of {sorted(LOADABLE)}")
     k = cfg.get("k")
     if legacy:
         act = cfg.get("activation_fn_str", cfg.get("activation_fn", "relu")) or "relu"
         kwargs = cfg.get("activation_fn_kwargs") or {}
+        if not isinstance(kwargs, dict):
+            raise ValueError(f"{where}: activation_fn_kwargs={kwargs!r} must be a JSON object such as {{\"k\": 32}}")
         if act == "topk":
             if kwargs.get("k") is None and k is None:
                 raise ValueError(f"{where}: activation_fn 'topk' needs activation_fn_kwargs.k")
@@ -170,6 +185,10 @@ def _parse_cfg(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     out_hook = meta_get("hook_name_out") if transcoder else None
     if transcoder and not out_hook:
         raise ValueError(f"{where}: transcoder config has no metadata.hook_name_out (the hook it reconstructs)")
+    model_name = meta_get("model_name")
+    for key, value in (("hook_name", hook), ("hook_name_out", out_hook), ("model_name", model_name)):
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{where}: {key}={value!r} must be a string")
     reshape = cfg.get("reshape_activations", "none") or "none"
     if reshape not in ("none", "hook_z"):
         raise ValueError(f"{where}: reshape_activations={reshape!r} is not supported (supported: 'none', 'hook_z')")
@@ -190,7 +209,7 @@ def _parse_cfg(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     rescale = our_arch in ("topk", "batchtopk") and bool(cfg.get("rescale_acts_by_decoder_norm", arch == "batchtopk"))
     return {
         "saelens_arch": arch, "arch": our_arch, "transcoder": transcoder, "d_in": d_in, "d_sae": d_sae,
-        "d_out": d_out, "k": k, "hook": hook, "out_hook": out_hook, "model_name": meta_get("model_name"),
+        "d_out": d_out, "k": k, "hook": hook, "out_hook": out_hook, "model_name": model_name,
         "apply_b_dec": apply_b_dec, "norm": norm, "rescale": rescale,
         "finetuning_scaling_factor": bool(cfg.get("finetuning_scaling_factor", False)), "version": version,
     }
@@ -213,7 +232,11 @@ def _norm_scale(spec: dict[str, Any], folder: Path, given: float | None) -> floa
         return 1.0
     s = given
     if s is None and (folder / ACTIVATION_SCALER_FILE).is_file():
-        s = read_json(folder / ACTIVATION_SCALER_FILE).get("scaling_factor")
+        scaler = read_json(folder / ACTIVATION_SCALER_FILE)
+        s = scaler.get("scaling_factor") if isinstance(scaler, dict) else None
+        if isinstance(s, bool) or not isinstance(s, (int, float)):
+            raise ValueError(f"{folder / ACTIVATION_SCALER_FILE} must hold {{\"scaling_factor\": <number>}}, "
+                             f"got {repr(scaler)[:80]}")
     if s is None:
         raise ValueError(f"{folder / CFG_FILE} has normalize_activations='expected_average_only_in': SAELens multiplies "
                          f"inputs by a constant that this folder does not record (no {ACTIVATION_SCALER_FILE}). "
@@ -225,32 +248,37 @@ def _norm_scale(spec: dict[str, Any], folder: Path, given: float | None) -> floa
     return s
 
 
-def _convert_tensors(spec: dict[str, Any], tensors: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
-    """SAELens tensors -> our state dict (float32), folding what our SAE cannot hold directly (in float64)."""
+def _check_shapes(spec: dict[str, Any], found: dict[str, tuple[int, ...]], where: str) -> dict[str, tuple[int, ...]]:
+    """Name missing, unexpected or wrongly shaped tensors (`found`: name -> shape); returns the required shapes."""
     d_in, d_sae, d_out = spec["d_in"], spec["d_sae"], spec["d_out"]
     shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_out), "b_enc": (d_sae,), "b_dec": (d_out,)}
     arch = spec["saelens_arch"]
     optional: dict[str, tuple[int, ...]] = {"scaling_factor": (d_sae,), "finetuning_scaling_factor": (d_sae,)}
     if spec["arch"] == "jumprelu":
-        if "threshold" in tensors or "log_threshold" not in tensors:
+        if "threshold" in found or "log_threshold" not in found:
             shapes["threshold"] = (d_sae,)
         else:  # a training-class state dict that kept the log parametrisation
             shapes["log_threshold"] = (d_sae,)
     elif spec["arch"] == "batchtopk":
-        if "threshold" in tensors or "topk_threshold" not in tensors:
+        if "threshold" in found or "topk_threshold" not in found:
             shapes["threshold"] = (d_sae,)
         else:
             shapes["topk_threshold"] = ()
-    missing = sorted(set(shapes) - set(tensors))
-    unexpected = sorted(set(tensors) - set(shapes) - set(optional))
+    missing = sorted(set(shapes) - set(found))
+    unexpected = sorted(set(found) - set(shapes) - set(optional))
     if missing or unexpected:
         raise ValueError(f"{where}: missing tensors {missing}, unexpected tensors {unexpected} for an SAELens "
                          f"{arch!r} SAE (expects {sorted(shapes)})")
-    bad = {n: (tuple(tensors[n].shape), s) for n, s in {**shapes, **optional}.items()
-           if n in tensors and tuple(tensors[n].shape) != s}
+    bad = {n: (tuple(found[n]), s) for n, s in {**shapes, **optional}.items() if n in found and tuple(found[n]) != s}
     if bad:
         raise ValueError(f"{where}: shape mismatch (found, expected) for d_in={d_in}, d_sae={d_sae}"
                          f"{f', d_out={d_out}' if spec['transcoder'] else ''}: {bad}")
+    return shapes
+
+
+def _convert_tensors(spec: dict[str, Any], tensors: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """SAELens tensors -> our state dict (float32), folding what our SAE cannot hold directly (in float64)."""
+    shapes = _check_shapes(spec, {n: tuple(t.shape) for n, t in tensors.items()}, where)
     for n, t in tensors.items():
         if not t.is_floating_point():
             raise ValueError(f"{where}: tensor {n!r} has dtype {t.dtype}, expected a floating-point dtype")
@@ -376,6 +404,7 @@ def export_saelens(sae: SAE, path: str | os.PathLike) -> Path:
         out_cfg["d_out"] = cfg.d_out
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    save_safetensors_atomic(out / WEIGHTS_FILE, tensors)
+    # the digest is computed before either file is touched, so an unserialisable config writes nothing
+    save_safetensors_atomic(out / WEIGHTS_FILE, tensors, metadata={CONFIG_DIGEST_KEY: cfg_digest(out_cfg)})
     write_json_atomic(out / CFG_FILE, out_cfg)
     return out

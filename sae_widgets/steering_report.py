@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .generation import Generation, generate_samples
+from .generation import Generation, check_fits_context, generate_samples
 from .special_tokens import boundary_tokens, model_tokenizer
 from .token_input import prompt_tokens, token_ids
 from .steering import LatentEdit, check_edits, latent_activations, steering_hooks
@@ -83,6 +83,7 @@ def next_token_kl(model, sae, text, edits, *, prepend_bos: bool = True) -> tuple
     Returns (mean over those positions, the per-position values). The edits see `text` as the prompt.
     """
     tokens, has_bos = prompt_tokens(model, text, prepend_bos=prepend_bos, what="kl_text")
+    check_fits_context(model, tokens, has_bos, what="kl_text")
     first = int(has_bos)
     if tokens.shape[1] <= first:
         raise ValueError(f"text={text!r} has no tokens to score")

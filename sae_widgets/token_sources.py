@@ -6,6 +6,7 @@ Each source also describes itself in JSON, for activation-cache manifests.
 """
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -96,24 +97,62 @@ class TokenArray:
 
 
 def read_token_file(path: str | os.PathLike) -> torch.Tensor:
-    """The integer tensor of a token file: `.safetensors` (one tensor, or the one named 'tokens' / 'input_ids') or
-    `.npy` (read without pickle)."""
+    """The integer tensor of a token file: `.safetensors` (one tensor, or the one named 'tokens' / 'input_ids'; its
+    digest checked when it has one) or `.npy` (read without pickle, its header checked against the file's size before
+    anything is allocated). A damaged file is a ValueError naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"token file {str(path)!r} does not exist")
     if path.suffix == ".npy":
-        import numpy as np
+        tokens = _read_npy(path)
+    elif path.suffix == ".safetensors":
+        from .activations import load_checked_safetensors
 
-        return torch.from_numpy(np.load(path, allow_pickle=False))
-    if path.suffix != ".safetensors":
+        tensors = load_checked_safetensors(path)
+        named = [k for k in ("tokens", "input_ids") if k in tensors]
+        if len(tensors) != 1 and not named:
+            raise ValueError(f"token file {str(path)!r} holds tensors {sorted(tensors)}: keep one, or name it 'tokens'")
+        tokens = tensors[named[0]] if named else next(iter(tensors.values()))
+    else:
         raise ValueError(f"token file {str(path)!r} must be .safetensors (one integer tensor) or .npy")
-    from safetensors.torch import load_file
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise ValueError(f"token file {str(path)!r} holds dtype {tokens.dtype}; token ids must be integers")
+    return tokens
 
-    tensors = load_file(path)
-    named = [k for k in ("tokens", "input_ids") if k in tensors]
-    if len(tensors) != 1 and not named:
-        raise ValueError(f"token file {str(path)!r} holds tensors {sorted(tensors)}: keep one, or name it 'tokens'")
-    return tensors[named[0]] if named else next(iter(tensors.values()))
+
+def _read_npy(path: Path) -> torch.Tensor:
+    """An .npy file's array, after checking that its header's shape and dtype account for exactly the file's bytes
+    (a damaged header must not make us allocate more than the file holds)."""
+    import numpy as np
+
+    try:
+        shape, dtype, data_start = _npy_header(path)
+        if dtype.hasobject:
+            raise ValueError("it holds Python objects, not integers")
+        want = data_start + math.prod(shape) * dtype.itemsize
+        if want != path.stat().st_size:
+            raise ValueError(f"its header says {dtype} {shape} ({want} bytes) but the file holds "
+                             f"{path.stat().st_size} bytes (truncated or damaged?)")
+        return torch.from_numpy(np.load(path, allow_pickle=False))
+    except (ValueError, TypeError, OSError, EOFError) as e:
+        raise ValueError(f"token file {str(path)!r} is not a readable .npy file: {e}") from e
+
+
+def _npy_header(path: Path):
+    """(shape, dtype, offset of the data) from an .npy header; numpy parses the header's Python literal with
+    tokenize and ast, whose errors on damaged bytes are of many types: all become one ValueError."""
+    from numpy.lib import format as npy
+
+    readers = {(1, 0): npy.read_array_header_1_0, (2, 0): npy.read_array_header_2_0}
+    with open(path, "rb") as f:
+        try:
+            version = npy.read_magic(f)
+            if version not in readers:
+                raise ValueError(f"npy format version {version} is not one of {sorted(readers)}")
+            shape, _, dtype = readers[version](f)
+        except Exception as e:  # noqa: BLE001 - untrusted bytes through a literal parser: any failure is damage
+            raise ValueError(f"its header is damaged ({type(e).__name__}: {e})") from e
+        return shape, dtype, f.tell()
 
 
 class TokenFile(TokenArray):

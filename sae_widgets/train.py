@@ -13,22 +13,28 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
+import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
-from .atomic import replace_dir_atomic, save_safetensors_atomic, write_json_atomic
+from .atomic import (json_digest, remove_temp_files, replace_dir_atomic, save_safetensors_atomic,
+                     write_json_atomic)
+from .config_io import read_json
+from .faults import fault_point
 from .persistence import save_sae
 from .sae import SAE, TRITON_ARCHS
 from .step_graph import StepGraph, dead_capacity, padded_dead_latents
 
 CHECKPOINTS, LATEST = "checkpoints", "latest.json"
+STEP_DIR = re.compile(r"step_\d{8}")
 
 
 @dataclass
@@ -45,6 +51,7 @@ class TrainConfig:
     init_tokens: int = 16384             # sample for the normalisation scale and the b_dec geometric median
     b_dec_init: str = "geometric_median"
     checkpoint_every: int = 0            # steps; 0 = only at the end
+    checkpoint_minutes: float = 10.0     # also after this much wall time since the last one (0 = never by time)
     keep_checkpoints: int = 2
     log_every: int = 10
     seed: int = 0
@@ -60,6 +67,9 @@ class TrainConfig:
             raise ValueError(f"lr_decay={self.lr_decay!r} is not one of ('cosine', 'linear', 'none')")
         if not self.lr > 0:
             raise ValueError(f"lr={self.lr} must be > 0")
+        if self.checkpoint_every < 0 or not self.checkpoint_minutes >= 0 or self.keep_checkpoints < 1:
+            raise ValueError(f"checkpoint_every={self.checkpoint_every} and checkpoint_minutes="
+                             f"{self.checkpoint_minutes} must be >= 0, keep_checkpoints={self.keep_checkpoints} >= 1")
         self.adam_betas = tuple(self.adam_betas)
 
 
@@ -76,6 +86,10 @@ class TrainEvent:
 
 class TrainingDiverged(RuntimeError):
     """The loss or the parameters stopped being finite."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, I/O error); the message names the last good one."""
 
 
 class ProgressBar:
@@ -134,11 +148,56 @@ def unflatten_state(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return tree
 
 
+def checkpoint_dirs(out_dir: str | os.PathLike) -> list[Path]:
+    """The run's complete checkpoint folders, newest first. Folders are moved into place whole, so each one listed
+    was fully written; `latest.json` is only a note for people (a kill between the two leaves it one behind)."""
+    root = Path(out_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and STEP_DIR.fullmatch(p.name)), reverse=True)
+
+
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
-    pointer = Path(out_dir) / CHECKPOINTS / LATEST
-    if not pointer.is_file():
-        return None
-    return Path(out_dir) / CHECKPOINTS / json.loads(pointer.read_text())["dir"]
+    dirs = checkpoint_dirs(out_dir)
+    return dirs[0] if dirs else None
+
+
+def read_checkpoint(ckpt: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(state.json's content, the nested state) of one checkpoint folder, every file checked: a damaged or
+    hand-edited file is a `ValueError` naming it."""
+    ckpt = Path(ckpt)
+    for name in ("state.json", "state.safetensors"):
+        if not (ckpt / name).is_file():
+            raise ValueError(f"{ckpt / name} is missing: not a complete checkpoint")
+    meta = read_json(ckpt / "state.json")
+    if not isinstance(meta, dict) or not {"tree", "sae_config", "history"} <= set(meta):
+        raise ValueError(f"{ckpt / 'state.json'} is not a checkpoint's state (tree, sae_config, history)")
+    from .activations import check_digest_field, load_checked_safetensors
+
+    # checkpoints from before digests have neither; a misnamed key is damage, not such an old checkpoint
+    digested = check_digest_field(ckpt / "state.json", meta.keys(), "sha256")
+    if digested and json_digest({k: v for k, v in meta.items() if k != "sha256"}) != meta["sha256"]:
+        raise ValueError(f"{ckpt / 'state.json'} is corrupt: it does not match the digest written with it")
+    tensors = load_checked_safetensors(ckpt / "state.safetensors", require_digest=digested)
+    try:
+        state = unflatten_state(meta["tree"], tensors)
+        int(state["step"]), int(state["tokens"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{ckpt / 'state.json'} does not describe {ckpt / 'state.safetensors'}: {e!r}") from None
+    return meta, state
+
+
+def remove_orphans(out_dir: str | os.PathLike) -> list[Path]:
+    """Delete what an interrupted write leaves in a run folder: temp files, staging and swapped-out folders."""
+    out = Path(out_dir)
+    gone = [*remove_temp_files(out), *remove_temp_files(out / "sae"), *remove_temp_files(out / CHECKPOINTS)]
+    root = out / CHECKPOINTS
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.is_dir() and (p.name.endswith(".staging") or p.name.endswith(".old")):
+                shutil.rmtree(p)
+                gone.append(p)
+    return gone
 
 
 # ----------------------------------------------------------------------------------------------- trainer
@@ -170,6 +229,7 @@ class Trainer:
         self._stop = False
         self._pending_check = None  # (finite, loss, grad norm, step, tokens) of the last step, checked at the next sync
         self._last_checkpoint: Path | None = None
+        self._checkpoint_clock = time.monotonic()
         self.out_dir = Path(cfg.out_dir) if cfg.out_dir else None
         self._dead_capacity = 0
         self._graph = StepGraph(self._device_step) if self._use_graph() else None
@@ -309,16 +369,24 @@ class Trainer:
 
     # -- the loop
     def run(self, resume: bool = False) -> SAE:
+        if self.out_dir is not None and (self.parallel is None or self.parallel.is_writer):
+            remove_orphans(self.out_dir)
         if resume:
             self.load_checkpoint()
+            print(f"[sae_widgets] resuming from step {self.step} ({self.tokens:,} tokens) of "
+                  f"{self.total_steps} ({self.cfg.total_tokens:,} tokens): {self._last_checkpoint}", file=sys.stderr)
         if not resume:
             torch.manual_seed(self.cfg.seed)
         try:
             if not self.initialized:
                 self._initialize()
+            if self.out_dir is not None:
+                self.check_free_space()
             self.sae.train()
             t0, tok0 = time.perf_counter(), self.tokens
+            self._checkpoint_clock = time.monotonic()
             while self.tokens < self.cfg.total_tokens and not self._stop:
+                fault_point("train.step")
                 m = self.train_step()
                 if self.step % self.cfg.log_every == 0 or self.tokens >= self.cfg.total_tokens:
                     m = {k: float(v) for k, v in m.items()}
@@ -326,7 +394,7 @@ class Trainer:
                     m["tokens_per_s"] = (self.tokens - tok0) / max(time.perf_counter() - t0, 1e-9)
                     self.history.append({"step": self.step, "tokens": self.tokens, **m})
                     self._emit(self._event("step", metrics=m))
-                if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
+                if self._checkpoint_due() and self.tokens < self.cfg.total_tokens:
                     self.save_checkpoint()
         except BaseException as e:  # KeyboardInterrupt too: report, keep the last good checkpoint, re-raise
             self._emit(self._event("failed", error=e))
@@ -346,6 +414,39 @@ class Trainer:
                 "final": self.history[-1] if self.history else {}, **self.metadata}
 
     # -- checkpoints
+    def _checkpoint_due(self) -> bool:
+        """Every `checkpoint_every` steps, and after `checkpoint_minutes` of wall time (so a short run is safe too)."""
+        cfg = self.cfg
+        if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+            return True
+        return bool(cfg.checkpoint_minutes) and time.monotonic() - self._checkpoint_clock >= 60 * cfg.checkpoint_minutes
+
+    def checkpoint_bytes(self) -> int:
+        """The size of one checkpoint of this run (its safetensors file; the JSON beside it is small)."""
+        def size(obj: Any) -> int:
+            if isinstance(obj, torch.Tensor):
+                return obj.numel() * obj.element_size()
+            items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+            return sum(size(v) for v in items)
+
+        return size(self.state())
+
+    def check_free_space(self) -> None:
+        """Before the first write: the run keeps `keep_checkpoints` checkpoints and writes one more before it drops
+        the oldest, plus the final SAE; say now, not at the first checkpoint, if the disk cannot hold that."""
+        if self.parallel is not None and not self.parallel.is_writer:
+            return
+        one = self.checkpoint_bytes()
+        need = (self.cfg.keep_checkpoints + 1) * one + one // 2
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.out_dir).free
+        if free < need:
+            raise CheckpointWriteError(
+                28, f"{self.out_dir} has {free / 2**20:,.0f} MiB free, but this run's checkpoints take "
+                    f"{one / 2**20:,.0f} MiB each (the activation buffer is most of it) and it keeps "
+                    f"{self.cfg.keep_checkpoints} plus the one being written: it needs {need / 2**20:,.0f} MiB. Free "
+                    f"space, choose another folder, or lower the buffer size (--buffer-size)")
+
     def state(self) -> dict[str, Any]:
         st = {
             "sae": self.sae.state_dict(), "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
@@ -363,10 +464,17 @@ class Trainer:
         root = self.out_dir / CHECKPOINTS
         name = f"step_{self.step:08d}"
         if self.parallel is None or self.parallel.is_writer:  # data-parallel: rank 0 writes, the others wait for it
-            self._write_checkpoint(root, name)
+            try:
+                self._write_checkpoint(root, name)
+            except OSError as e:
+                shutil.rmtree(root / f".{name}.staging", ignore_errors=True)
+                raise CheckpointWriteError(
+                    e.errno, f"could not write checkpoint {root / name}: {e.strerror or e}; "
+                             f"{self.last_good_checkpoint_line()}") from e
         if self.parallel is not None:
             self.parallel.barrier()
         self._last_checkpoint = root / name
+        self._checkpoint_clock = time.monotonic()
         self._emit(self._event("checkpoint", path=str(root / name)))
         return root / name
 
@@ -378,23 +486,45 @@ class Trainer:
         staging.mkdir()
         tensors, tree = flatten_state(self.state())
         save_safetensors_atomic(staging / "state.safetensors", tensors)
-        write_json_atomic(staging / "state.json", {"tree": tree, "sae_config": self.sae.cfg.to_dict(),
-                                                   "train_config": asdict(self.cfg), "history": self.history})
+        meta = {"tree": tree, "sae_config": self.sae.cfg.to_dict(), "train_config": asdict(self.cfg),
+                "history": self.history}
+        write_json_atomic(staging / "state.json", {**meta, "sha256": json_digest(meta)})
+        fault_point("checkpoint.staged", staging)
         replace_dir_atomic(staging, root / name)
+        fault_point("checkpoint.placed", root / name)
         write_json_atomic(root / LATEST, {"dir": name, "step": self.step, "tokens": self.tokens})
-        for old in sorted(p for p in root.glob("step_*") if p.is_dir())[: -self.cfg.keep_checkpoints]:
+        for old in checkpoint_dirs(self.out_dir)[self.cfg.keep_checkpoints:]:
+            fault_point("checkpoint.prune", old)
             shutil.rmtree(old)
 
+    def last_good_checkpoint_line(self) -> str:
+        """Which checkpoint a run can continue from, for error messages."""
+        last = self._last_checkpoint or latest_checkpoint(self.out_dir)
+        if last is None:
+            return "no checkpoint was written yet, so a rerun starts from the beginning"
+        return f"the last good checkpoint is {last}; free space, then resume from it"
+
     def load_checkpoint(self, path: str | os.PathLike | None = None) -> None:
-        ckpt = Path(path) if path else latest_checkpoint(self.out_dir) if self.out_dir else None
-        if ckpt is None or not (ckpt / "state.json").is_file():
+        """Restore a checkpoint: `path`, or the run's newest one that reads cleanly (a damaged newer one is named in
+        a warning and skipped, since an older one resumes to the same result)."""
+        candidates = [Path(path)] if path else checkpoint_dirs(self.out_dir) if self.out_dir else []
+        if not candidates:
             raise FileNotFoundError(f"no checkpoint to resume from in {self.out_dir}")
-        meta = json.loads((ckpt / "state.json").read_text())
+        problems = []
+        for ckpt in candidates:
+            try:
+                meta, st = read_checkpoint(ckpt)
+                break
+            except ValueError as e:
+                problems.append(str(e))
+                if path is None:
+                    warnings.warn(f"skipping damaged checkpoint {ckpt}: {e}", stacklevel=2)
+        else:
+            raise ValueError(f"no usable checkpoint in {self.out_dir or path}: {'; '.join(problems)}")
         now = self.sae.cfg.to_dict()
         if meta["sae_config"] != now:
             diff = {k: (v, now.get(k)) for k, v in meta["sae_config"].items() if now.get(k) != v}
             raise ValueError(f"checkpoint {ckpt} is for another SAE config (checkpoint, now): {diff}")
-        st = unflatten_state(meta["tree"], load_file(ckpt / "state.safetensors"))
         self.sae.load_state_dict(st["sae"])
         self.opt.load_state_dict(st["optimizer"])
         self.sched.load_state_dict(st["scheduler"])

@@ -467,3 +467,134 @@ def test_malformed_config_json_and_unserialisable_training_leave_no_mixed_folder
     with pytest.raises(TypeError):
         _save(other, good, training={"path": tmp_path})  # a Path is not JSON: nothing may be written
     assert (good / "sae.safetensors").read_bytes() == before and _load(good).cfg.k == 2
+
+
+# ============================================================================================== integrity
+def strip_digests(weights) -> None:
+    """Rewrite a safetensors file without header metadata, as files written before digests existed."""
+    save_file(load_file(weights), weights)
+
+
+def edit_json(path, edit) -> None:
+    obj = json.loads(path.read_text())
+    edit(obj)
+    path.write_text(json.dumps(obj, indent=1))
+
+
+@pytest.mark.parametrize("arch,transcoder", [("topk", False), ("jumprelu", False), ("batchtopk", True)])
+def test_folders_written_before_digests_load_exactly_as_before(tmp_path, arch, transcoder):
+    from sae_widgets.atomic import safetensors_metadata
+
+    sae = make_sae(arch, transcoder=transcoder, scales=(0.7, 1.3))
+    save_sae(sae, tmp_path / "n", training={"lr": 1e-3})
+    export_saelens(sae, tmp_path / "l")
+    with_digest = load_saelens(tmp_path / "l")
+    for weights in (tmp_path / "n" / WEIGHTS, tmp_path / "l" / "sae_weights.safetensors"):
+        assert "sae_widgets.config_sha256" in safetensors_metadata(weights)
+        strip_digests(weights)
+        assert safetensors_metadata(weights) == {}
+    back = load_sae(tmp_path / "n")
+    assert back.cfg == sae.cfg
+    state_equal(sae, back)
+    old_lens = load_saelens(tmp_path / "l")
+    assert old_lens.cfg == with_digest.cfg
+    state_equal(old_lens, with_digest)
+
+
+def test_edited_native_config_is_refused_but_the_training_record_may_change(tmp_path):
+    sae = make_sae("topk", scales=(0.5, 0.5))
+    folder = save_sae(sae, tmp_path / "s", training={"lr": 1e-3})
+    edit_json(folder / CONFIG, lambda m: m["training"].update(lr=5.0, note="edited by hand"))
+    back = load_sae(folder)  # indentation and the training record are free
+    assert back.cfg == sae.cfg
+    state_equal(sae, back)
+    edits = [lambda m: m["config"].update(k=K - 1), lambda m: m["config"].update(hook="blocks.0.hook_resid_pre"),
+             lambda m: m["normalization"].update(in_scale=1.0), lambda m: m.update(thresholds={"kind": "global"})]
+    for edit in edits:
+        save_sae(sae, folder)
+        edit_json(folder / CONFIG, edit)
+        with pytest.raises(ValueError, match=rf"{CONFIG} does not match the weights it was saved with"):
+            load_sae(folder)
+
+
+def test_edited_saelens_cfg_is_refused_but_informational_metadata_may_change(tmp_path):
+    sae = make_sae("topk")
+    folder = export_saelens(sae, tmp_path / "l")
+    reference = load_saelens(folder)
+    edit_json(folder / "cfg.json", lambda c: c["metadata"].update(exported_by="someone", context_size=128))
+    state_equal(load_saelens(folder), reference)
+    edits = [lambda c: c.update(k=K - 1), lambda c: c["metadata"].update(hook_name="blocks.0.hook_resid_pre"),
+             lambda c: c.update(dtype="bfloat16")]
+    for edit in edits:
+        export_saelens(sae, folder)
+        edit_json(folder / "cfg.json", edit)
+        with pytest.raises(ValueError, match="cfg.json does not match the weights it was exported with"):
+            load_saelens(folder)
+
+
+def test_a_flipped_weight_byte_is_refused_naming_the_file(saved):
+    data = bytearray((saved / WEIGHTS).read_bytes())
+    data[-40] ^= 0x01  # inside b_enc / W_enc data: still a well-formed safetensors file
+    (saved / WEIGHTS).write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"{WEIGHTS} is corrupt"):
+        load_sae(saved)
+
+
+def test_non_utf8_config_is_a_value_error_naming_the_file(saved):
+    (saved / CONFIG).write_bytes((saved / CONFIG).read_bytes().replace(b'"topk"', b'"top\xffk"'))
+    with pytest.raises(ValueError, match=rf"{CONFIG} is not UTF-8"):
+        load_sae(saved)
+
+
+BAD_VALUES = [("d_sae", "abc"), ("d_sae", [32]), ("d_sae", None), ("d_in", 16.5), ("d_in", True), ("k", "4"),
+              ("arch", 3), ("normalize", "yes"), ("hook", None), ("matryoshka_prefixes", "x"), ("d_out", -3),
+              ("jumprelu_init_threshold", 0.0), ("d_in", None)]
+
+
+@pytest.mark.parametrize("key,value", BAD_VALUES, ids=[f"{k}={v!r}" for k, v in BAD_VALUES])
+def test_wrong_config_types_and_values_are_value_errors_naming_the_file(tmp_path, key, value):
+    arch = "jumprelu" if key == "jumprelu_init_threshold" else "topk"
+    folder = save_sae(make_sae(arch), tmp_path / "s")
+    edit_json(folder / CONFIG, lambda m: m["config"].update({key: value}) if value is not None or key != "d_in"
+              else m["config"].pop("d_in"))
+    with pytest.raises(ValueError, match=CONFIG):
+        load_sae(folder)
+
+
+SAELENS_BAD = {
+    "architecture-list": (v6_cfg(["topk"]), None),
+    "kwargs-list": ({**LEGACY, "activation_fn_str": "topk", "activation_fn_kwargs": [4]}, None),
+    "hook-number": (v6_cfg("standard", metadata={"hook_name": 5}), None),
+    "model-name-list": (v6_cfg("standard", metadata={"model_name": ["a"]}), None),
+    "d_sae-string": (v6_cfg("standard", d_sae="abc"), None),
+    "scaler-list": (v6_cfg("standard", normalize_activations="expected_average_only_in"), [2.5]),
+    "scaler-string": (v6_cfg("standard", normalize_activations="expected_average_only_in"), {"scaling_factor": "x"}),
+}
+
+
+@pytest.mark.parametrize("case", list(SAELENS_BAD))
+def test_wrong_saelens_cfg_types_are_value_errors_naming_the_file(tmp_path, case):
+    cfg, scaler = SAELENS_BAD[case]
+    write_saelens(tmp_path / "l", cfg, random_tensors())
+    name = "cfg.json"
+    if scaler is not None:
+        (tmp_path / "l" / "activation_scaler.json").write_text(json.dumps(scaler))
+        name = "activation_scaler.json"
+    with pytest.raises(ValueError, match=name):
+        load_saelens(tmp_path / "l")
+
+
+@pytest.mark.parametrize("key", ["sae_widgets.sha256", "sae_widgets.config_sha256"])
+@pytest.mark.parametrize("kind", ["native", "saelens"])
+def test_a_damaged_digest_key_name_does_not_switch_the_checks_off(tmp_path, kind, key):
+    """One flip renames a digest key (as if the file had none), another changes a weight: still refused."""
+    sae = make_sae("topk")
+    folder = save_sae(sae, tmp_path / "s") if kind == "native" else export_saelens(sae, tmp_path / "s")
+    weights = folder / (WEIGHTS if kind == "native" else "sae_weights.safetensors")
+    data = bytearray(weights.read_bytes())
+    at = data.index(key.encode() + b'"') + len(key) - 1  # the key's last character
+    data[at] ^= 0x01
+    data[-40] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"{weights.name} has a damaged header"):
+        (load_sae if kind == "native" else load_saelens)(folder)

@@ -398,7 +398,7 @@ def test_variable_row_counts_keep_cache_resume_and_manifest_exact(massive_model,
     # an old manifest (no counts, no filter settings) still reads
     old = json.loads((cache / "manifest.json").read_text())
     for k in ("counts", "massive_norm_factor", "exclude_token_ids", "exclude_special_tokens", "bos_id",
-              "separator_id"):
+              "separator_id", "manifest_sha256"):
         old.pop(k)
     (cache / "manifest.json").write_text(json.dumps(old))
     assert ActivationStore.from_cache(cache, batch_size=50, buffer_size=200, seed=1).counts == {}

@@ -430,3 +430,25 @@ def test_acceptance_steering_a_latent_up_raises_it_and_ablating_it_lowers_it(mod
     assert a_up.steered > a_up.baseline
     assert a_down.steered < a_down.baseline
     assert up.kl > down.kl > 0 and up.perplexity_steered > up.perplexity_baseline
+
+
+def test_a_prompt_longer_than_the_context_is_reported_with_its_real_length(model):
+    """A 12,001-token prompt is reported as 12001 tokens plus BOS (not as the 12,002 sequence, nor a cut-down
+    length), with how many fit: 256 (context) - 1 (BOS) - 4 (max_new_tokens) = 251, counted by hand."""
+    torch.manual_seed(0)
+    small = SAE(SAEConfig(arch="topk", d_in=256, d_sae=64, k=4, hook=HOOK)).eval()
+    edits = [LatentEdit(3, "add", 1.0)]
+    opts = dict(max_new_tokens=4, temperature=0.0, n_heldout_windows=0)
+    with pytest.raises(ValueError) as e:
+        steer(model, small, [5] * 12_001, edits, **opts)
+    msg = str(e.value)
+    assert msg.startswith("the prompt has 12001 tokens plus BOS: 12002 + max_new_tokens=4 exceeds the model's "
+                          "context of 256 tokens; at most 251 tokens fit with max_new_tokens=4"), msg
+    assert "nothing is cut off" in msg and "\n" not in msg
+    assert len(steer(model, small, [5] * 251, edits, **opts).baseline[0].new_tokens) == 4  # the limit itself runs
+    with pytest.raises(ValueError, match=r"^the prompt has 252 tokens plus BOS: 253 \+ max_new_tokens=4 exceeds"):
+        steer(model, small, [5] * 252, edits, **opts)
+    # a kl_text too long for the context: the same one-line report, not an IndexError from the position embedding
+    with pytest.raises(ValueError, match=r"^kl_text has 12001 tokens plus BOS: 12002 exceeds the model's context of "
+                                         r"256 tokens; at most 255 tokens fit"):
+        steer(model, small, PROMPT, edits, kl_text=[5] * 12_001, **opts)
