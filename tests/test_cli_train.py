@@ -71,7 +71,11 @@ def test_train_from_config_file_and_bad_input(tmp_path):
     bad = train("--hook", "blocks.0.hook_resid_pots", "--out", str(tmp_path / "x"), "--no-progress")
     assert bad.returncode == 2 and "Did you mean 'blocks.0.hook_resid_post'" in bad.stderr
     arch = train("--hook", "blocks.0.hook_resid_post", "--arch", "gated", "--out", str(tmp_path / "y"))
-    assert arch.returncode == 2 and "arch='gated' is not one of" in arch.stderr
+    assert arch.returncode == 2 and "invalid choice: 'gated'" in arch.stderr and len(arch.stderr.splitlines()) == 1
+    cfg.write_text(json.dumps({"hook": "blocks.0.hook_resid_post", "arch": "gated"}))
+    arch_in_file = train("--config", str(cfg), "--out", str(tmp_path / "z"))
+    assert arch_in_file.returncode == 2 and "arch='gated' is not one of" in arch_in_file.stderr
+    assert not (tmp_path / "z").exists(), "a bad config must fail before anything is written"
     missing = train("--arch", "topk")
     assert missing.returncode == 2 and "--hook is required" in missing.stderr
 
