@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
-from .atomic import (DIGEST_KEY, json_digest, load_safetensors, remove_temp_files, safetensors_metadata,
-                     save_safetensors_atomic, write_json_atomic)
+from .atomic import (DIGEST_KEY, check_digest_field, json_digest, load_safetensors, remove_temp_files,
+                     safetensors_header, save_safetensors_atomic, write_json_atomic)
 from .config_io import read_json
 from .row_filter import DEFAULT_MASSIVE_NORM_FACTOR, RowFilter
 from .special_tokens import boundary_tokens, excluded_token_ids, model_tokenizer
@@ -434,39 +433,6 @@ class ActivationStore(HookWidths):
 
 
 # ----------------------------------------------------------------------------------------------- disk cache
-def renamed_keys(keys, name: str) -> list[str]:
-    """Keys a few flipped bytes could have made of `name` (same length, at most 4 characters differ): a file whose
-    digest's key was damaged must not pass for an older file written without a digest."""
-    return [k for k in keys if isinstance(k, str) and k != name and len(k) == len(name)
-            and sum(a != b for a, b in zip(k, name)) <= 4]
-
-
-def check_digest_field(path: Path, keys, name: str, required: bool = False) -> bool:
-    """Whether `keys` hold the digest `name`; a ValueError naming `path` when it is damaged, or missing but required."""
-    if name in keys:
-        return True
-    if renamed_keys(keys, name) or required:
-        raise ValueError(f"{path} is damaged: its digest {name!r} is missing or misnamed "
-                         f"({sorted(map(str, keys))}); use another copy or write it again")
-    return False
-
-
-def safetensors_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[str, list[int]]]]:
-    """A safetensors file's metadata and its tensors' (dtype, shape), read from the header only (nothing allocated)."""
-    meta = safetensors_metadata(path)  # a ValueError naming the file if the header is unreadable
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return meta, {k: (f.get_slice(k).get_dtype(), list(f.get_slice(k).get_shape())) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
-
-
-def load_checked_safetensors(path: str | os.PathLike, require_digest: bool = False) -> dict[str, torch.Tensor]:
-    """`atomic.load_safetensors`, where a misnamed digest key is damage rather than a file written without one."""
-    check_digest_field(Path(path), safetensors_metadata(path), DIGEST_KEY, required=require_digest)
-    return load_safetensors(path)
-
-
 def _is_count(v: Any, least: int = 0) -> bool:
     return type(v) is int and v >= least
 

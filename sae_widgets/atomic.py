@@ -99,6 +99,40 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def renamed_keys(keys, name: str) -> list[str]:
+    """Keys a few flipped bytes could have made of `name` (same length, at most 4 characters differ): a file whose
+    digest's key was damaged must not pass for an older file written without a digest."""
+    return [k for k in keys if isinstance(k, str) and k != name and len(k) == len(name)
+            and sum(a != b for a, b in zip(k, name)) <= 4]
+
+
+def check_digest_field(path: str | os.PathLike, keys, name: str, required: bool = False) -> bool:
+    """Whether `keys` hold the digest `name`; a ValueError naming `path` when it is damaged, or missing but required."""
+    if name in keys:
+        return True
+    if renamed_keys(keys, name) or required:
+        raise ValueError(f"{path} is damaged: its digest {name!r} is missing or misnamed "
+                         f"({sorted(map(str, keys))}); use another copy or write it again")
+    return False
+
+
+def safetensors_header(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, tuple[str, list[int]]]]:
+    """A safetensors file's metadata and its tensors' (dtype, shape), read from the header only (nothing allocated);
+    a `ValueError` naming the file if the header is unreadable."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: (f.get_slice(k).get_dtype(), list(f.get_slice(k).get_shape())) for k in f.keys()}
+            return dict(f.metadata() or {}), shapes
+    except (SafetensorError, OSError, ValueError, RuntimeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+
+
+def load_checked_safetensors(path: str | os.PathLike, require_digest: bool = False) -> dict[str, torch.Tensor]:
+    """`atomic.load_safetensors`, where a misnamed digest key is damage rather than a file written without one."""
+    check_digest_field(Path(path), safetensors_metadata(path), DIGEST_KEY, required=require_digest)
+    return load_safetensors(path)
+
+
 def json_digest(obj: Any) -> str:
     """SHA-256 of `obj` as canonical JSON: the same for equal objects, whatever the key order or indentation."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

@@ -214,7 +214,7 @@ class FeatureStats:
         """
         from safetensors import SafetensorError, safe_open
 
-        from .activations import check_digest_field
+        from .atomic import check_digest_field
 
         file = resolve_file(path)
         if not file.is_file():

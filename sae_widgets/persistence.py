@@ -14,10 +14,8 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 import torch
-from safetensors import SafetensorError, safe_open
-
-from .atomic import (DIGEST_KEY, json_digest, load_safetensors, safetensors_metadata, save_safetensors_atomic,
-                     write_json_atomic)
+from .atomic import (DIGEST_KEY, json_digest, load_safetensors, safetensors_header, safetensors_metadata,
+                     save_safetensors_atomic, write_json_atomic)
 from .config_io import read_json
 from .sae import SAE, SAEConfig
 
@@ -175,11 +173,7 @@ def _meta_sae(cfg: SAEConfig, where: str) -> SAE:
 
 def header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Tensor shapes from a safetensors header, without reading the data (ValueError naming the file if unreadable)."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+    return {name: tuple(shape) for name, (_, shape) in safetensors_header(path)[1].items()}
 
 
 def check_tensor_shapes(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], cfg: SAEConfig,

@@ -106,7 +106,7 @@ def read_token_file(path: str | os.PathLike) -> torch.Tensor:
     if path.suffix == ".npy":
         tokens = _read_npy(path)
     elif path.suffix == ".safetensors":
-        from .activations import load_checked_safetensors
+        from .atomic import load_checked_safetensors
 
         tensors = load_checked_safetensors(path)
         named = [k for k in ("tokens", "input_ids") if k in tensors]

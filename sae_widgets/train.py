@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from .atomic import (json_digest, remove_temp_files, replace_dir_atomic, save_safetensors_atomic,
-                     write_json_atomic)
+from .atomic import (check_digest_field, json_digest, load_checked_safetensors, remove_temp_files, replace_dir_atomic,
+                     save_safetensors_atomic, write_json_atomic)
 from .config_io import read_json
 from .faults import fault_point
 from .persistence import save_sae
@@ -172,8 +172,6 @@ def read_checkpoint(ckpt: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
     meta = read_json(ckpt / "state.json")
     if not isinstance(meta, dict) or not {"tree", "sae_config", "history"} <= set(meta):
         raise ValueError(f"{ckpt / 'state.json'} is not a checkpoint's state (tree, sae_config, history)")
-    from .activations import check_digest_field, load_checked_safetensors
-
     # checkpoints from before digests have neither; a misnamed key is damage, not such an old checkpoint
     digested = check_digest_field(ckpt / "state.json", meta.keys(), "sha256")
     if digested and json_digest({k: v for k, v in meta.items() if k != "sha256"}) != meta["sha256"]:
